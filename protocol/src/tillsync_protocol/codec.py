@@ -1,0 +1,244 @@
+"""Strict MessagePack encoding and decoding of protocol v1 messages.
+
+Decoding checks, in order: size, MessagePack well-formedness (one top-level map with
+string keys, no ext types, no trailing bytes), no float anywhere, ``v`` (major must be
+ours), ``type`` (must be known), then every field. The first problem found is raised as
+one :class:`~tillsync_protocol.errors.ProtocolError` subclass with its field path.
+
+Forward compatibility: a message whose minor version is newer than ours may carry fields
+we do not know; they are dropped. From our own or an older minor, an unknown field is an
+``unknown_field`` error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import msgpack
+from pydantic import ValidationError
+
+from .control import CONTROL_TYPES
+from .documents import DOCUMENT_TYPES
+from .envelope import PROTOCOL_VERSION, ControlMessage, Document, Message
+from .errors import (
+    FloatNotAllowedError,
+    MalformedError,
+    MissingFieldError,
+    ProtocolError,
+    TooLargeError,
+    UnknownTypeError,
+    UnsupportedVersionError,
+    WrongTypeError,
+    protocol_error_for_code,
+)
+
+__all__ = [
+    "CONTENT_TYPE",
+    "MAX_MESSAGE_SIZE",
+    "MESSAGE_TYPES",
+    "decode",
+    "decode_control",
+    "decode_document",
+    "encode",
+    "field_path",
+    "to_json",
+]
+
+CONTENT_TYPE = "application/x-msgpack"
+MAX_MESSAGE_SIZE = 1024 * 1024
+"""Default largest encoded message accepted, in bytes."""
+
+MESSAGE_TYPES: dict[str, type[Message]] = {**DOCUMENT_TYPES, **CONTROL_TYPES}
+
+M = TypeVar("M", bound=Message)
+
+_MISSING = object()
+
+
+def encode(message: Message) -> bytes:
+    """Encode ``message`` canonically: fields in declaration order, nil for unset options."""
+    return msgpack.packb(message.model_dump(mode="python"), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """The message as JSON-compatible data (what ``tillsync-protocol decode`` prints)."""
+    return message.model_dump(mode="json")
+
+
+def decode(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
+    """Decode any v1 message; raise a :class:`ProtocolError` subclass on any problem."""
+    raw = _unpack(data, max_size)
+    return _validate(raw, _message_class(raw))
+
+
+def decode_document(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Document:
+    """Decode a message that must be a document (what ingest accepts)."""
+    return _decode_kind(data, max_size, Document, DOCUMENT_TYPES)
+
+
+def decode_control(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> ControlMessage:
+    """Decode a message that must be a control message (what a register accepts)."""
+    return _decode_kind(data, max_size, ControlMessage, CONTROL_TYPES)
+
+
+def _decode_kind(data: bytes, max_size: int, base: type[M], types: Mapping[str, type[M]]) -> M:
+    raw = _unpack(data, max_size)
+    cls = _message_class(raw)
+    if not issubclass(cls, base):
+        raise UnknownTypeError(
+            f"{raw['type']!r} is not a {base.kind} message (expected one of {sorted(types)})",
+            field="type",
+        )
+    return _validate(raw, cls)
+
+
+def _unpack(data: bytes, max_size: int) -> dict[str, Any]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise MalformedError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_size:
+        raise TooLargeError(f"message is {len(data)} bytes, the limit is {max_size}")
+    if not data:
+        raise MalformedError("empty message")
+    try:
+        raw = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, use_list=True, ext_hook=_refuse_ext
+        )
+    except ProtocolError:
+        raise
+    except msgpack.ExtraData:
+        raise MalformedError("trailing bytes after the message") from None
+    except UnicodeDecodeError:
+        raise MalformedError("a string is not valid UTF-8") from None
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise MalformedError(f"not valid MessagePack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise MalformedError(f"the top level must be a map, not {_wire_type(raw)}")
+    _refuse_floats(raw, ())
+    return raw
+
+
+def _refuse_ext(code: int, data: bytes) -> object:
+    raise MalformedError(f"MessagePack extension type {code} is not used by the protocol")
+
+
+def _refuse_floats(value: object, path: tuple[str | int, ...]) -> None:
+    if isinstance(value, float):
+        raise FloatNotAllowedError(
+            "floats are never allowed: money is integer minor units, quantities integer "
+            "thousandths, rates decimal strings",
+            field=field_path(path),
+        )
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_floats(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_floats(item, (*path, index))
+
+
+def _message_class(raw: dict[str, Any]) -> type[Message]:
+    version = raw.get("v", _MISSING)
+    if version is _MISSING:
+        raise MissingFieldError("every message carries its protocol version", field="v")
+    if (
+        not isinstance(version, list)
+        or len(version) != 2
+        or not all(type(part) is int and part >= 0 for part in version)
+    ):
+        raise WrongTypeError("v must be an array of two non-negative integers [major, minor]", field="v")
+    if version[0] != PROTOCOL_VERSION[0]:
+        raise UnsupportedVersionError(
+            f"protocol major version {version[0]} is not supported (this reader speaks "
+            f"{PROTOCOL_VERSION[0]}.x)",
+            field="v",
+        )
+    kind = raw.get("type", _MISSING)
+    if kind is _MISSING:
+        raise MissingFieldError("every message names its type", field="type")
+    if not isinstance(kind, str):
+        raise WrongTypeError(f"type must be a string, not {_wire_type(kind)}", field="type")
+    cls = MESSAGE_TYPES.get(kind)
+    if cls is None:
+        raise UnknownTypeError(f"unknown message type {kind!r}", field="type")
+    return cls
+
+
+def _validate(raw: dict[str, Any], cls: type[M]) -> M:
+    newer_minor = raw["v"][1] > PROTOCOL_VERSION[1]
+    for _ in range(2):
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+            if newer_minor and unknown:
+                # A newer minor version added fields: drop them and read what we know.
+                for error in unknown:
+                    _drop(raw, error["loc"])
+                newer_minor = False
+                continue
+            raise _to_protocol_error(errors[0]) from None
+    raise AssertionError("unreachable: unknown fields are dropped at most once")
+
+
+def _drop(raw: dict[str, Any], loc: tuple[int | str, ...]) -> None:
+    node: Any = raw
+    for part in loc[:-1]:
+        node = node[part]
+    del node[loc[-1]]
+
+
+_CODE_BY_PYDANTIC_TYPE = {
+    "missing": "missing_field",
+    "extra_forbidden": "unknown_field",
+    "greater_than": "out_of_range",
+    "greater_than_equal": "out_of_range",
+    "less_than": "out_of_range",
+    "less_than_equal": "out_of_range",
+    "too_short": "out_of_range",
+    "too_long": "out_of_range",
+    "string_too_short": "out_of_range",
+    "string_too_long": "out_of_range",
+}
+
+
+def _to_protocol_error(error: Any) -> ProtocolError:
+    kind: str = error["type"]
+    code = _CODE_BY_PYDANTIC_TYPE.get(kind)
+    if code is None:
+        code = "wrong_type" if kind.endswith("_type") or kind == "model_attributes_type" else "invalid_value"
+    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+    reason = str(error["msg"])
+    if len(loc) != len(error["loc"]):
+        reason = "a catalog value must be nil, a boolean, an integer, a string, an array or a map"
+    return protocol_error_for_code(code, reason, field_path(loc))
+
+
+def _is_union_tag(part: int | str) -> bool:
+    # pydantic names union members in locations ("int", "list[...]"); they are not fields.
+    return isinstance(part, str) and (part in {"bool", "int", "str", "none"} or "[" in part)
+
+
+def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """Format a location as a field path: ``("body", "lines", 3, "unit_price")`` →
+    ``body.lines[3].unit_price``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _wire_type(value: object) -> str:
+    return {
+        dict: "a map",
+        list: "an array",
+        str: "a string",
+        bytes: "binary",
+        int: "an integer",
+        bool: "a boolean",
+        type(None): "nil",
+    }.get(type(value), type(value).__name__)
