@@ -16,6 +16,7 @@ from .codec import (
     encode,
     field_path,
     to_json,
+    validate,
 )
 from .control import (
     CONTROL_TYPES,
@@ -169,4 +170,5 @@ __all__ = [
     "field_path",
     "to_json",
     "topology",
+    "validate",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = ["CUSTOMER_ENTITIES", "ENTITIES", "GLOBAL_SCOPE", "EntityName", "is_center_scope"]
 
@@ -25,7 +25,7 @@ EntityName = Literal[
     "stock_levels",
 ]
 
-ENTITIES: tuple[str, ...] = EntityName.__args__
+ENTITIES: tuple[str, ...] = get_args(EntityName)
 """Every catalog entity, in the order a full load applies them."""
 
 CUSTOMER_ENTITIES: frozenset[str] = frozenset({"customers", "loyalty_balances"})

@@ -39,7 +39,14 @@ def _decode_command(args: argparse.Namespace) -> int:
     try:
         data = _read_input(args.input, True if args.hex else (False if args.raw else None))
     except ValueError as exc:
-        print(json.dumps({"ok": False, "error": {"code": "malformed", "field": "", "reason": f"bad hex: {exc}"}}))
+        print(
+            json.dumps(
+                {
+                    "ok": False,
+                    "error": {"code": "malformed", "field": "", "reason": f"bad hex: {exc}"},
+                }
+            )
+        )
         return 1
     try:
         message = decode(data, max_size=args.max_size)
@@ -54,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tillsync-protocol", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     dec = sub.add_parser("decode", help="decode one message (hex argument, @file, or stdin)")
-    dec.add_argument("input", nargs="?", help="hex string, @path to a file, or - / nothing for stdin")
+    dec.add_argument(
+        "input", nargs="?", help="hex string, @path to a file, or - / nothing for stdin"
+    )
     mode = dec.add_mutually_exclusive_group()
     mode.add_argument("--hex", action="store_true", help="input is hex text")
     mode.add_argument("--raw", action="store_true", help="input is raw MessagePack bytes")

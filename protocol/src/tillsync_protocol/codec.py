@@ -1,9 +1,10 @@
 """Strict MessagePack encoding and decoding of protocol v1 messages.
 
-Decoding checks, in order: size, MessagePack well-formedness (one top-level map with
-string keys, no ext types, no trailing bytes), no float anywhere, ``v`` (major must be
-ours), ``type`` (must be known), then every field. The first problem found is raised as
-one :class:`~tillsync_protocol.errors.ProtocolError` subclass with its field path.
+Decoding checks, in order: size, MessagePack well-formedness (one top-level map, string
+map keys everywhere, no ext types, no trailing bytes, at most 32 levels of nesting), no
+float anywhere, ``v`` (major must be ours), ``type`` (must be known), then every field.
+The first problem found is raised as one :class:`~tillsync_protocol.errors.ProtocolError`
+subclass with its field path.
 
 Forward compatibility: a message whose minor version is newer than ours may carry fields
 we do not know; they are dropped. From our own or an older minor, an unknown field is an
@@ -12,6 +13,7 @@ we do not know; they are dropped. From our own or an older minor, an unknown fie
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -43,6 +45,7 @@ __all__ = [
     "encode",
     "field_path",
     "to_json",
+    "validate",
 ]
 
 CONTENT_TYPE = "application/x-msgpack"
@@ -54,6 +57,11 @@ MESSAGE_TYPES: dict[str, type[Message]] = {**DOCUMENT_TYPES, **CONTROL_TYPES}
 M = TypeVar("M", bound=Message)
 
 _MISSING = object()
+
+_MAX_DEPTH = 32
+"""Deepest nesting of maps and arrays (the top-level map is level 1). Real messages use
+at most a handful of levels; the limit keeps every later step (float scan, validation)
+far from Python's recursion limit."""
 
 
 def encode(message: Message) -> bytes:
@@ -69,6 +77,16 @@ def to_json(message: Message) -> dict[str, Any]:
 def decode(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
     """Decode any v1 message; raise a :class:`ProtocolError` subclass on any problem."""
     raw = _unpack(data, max_size)
+    return _validate(raw, _message_class(raw))
+
+
+def validate(raw: dict[str, Any]) -> Message:
+    """Validate already-unpacked data (e.g. JSON from a POS app) exactly as :func:`decode`
+    validates bytes: the same checks, the same errors."""
+    if not isinstance(raw, dict):
+        raise MalformedError(f"the top level must be a map, not {_wire_type(raw)}")
+    raw = copy.deepcopy(raw)  # dropping a newer minor's unknown fields edits it in place
+    _check_tree(raw)
     return _validate(raw, _message_class(raw))
 
 
@@ -108,13 +126,15 @@ def _unpack(data: bytes, max_size: int) -> dict[str, Any]:
         raise
     except msgpack.ExtraData:
         raise MalformedError("trailing bytes after the message") from None
+    except msgpack.StackError:
+        raise MalformedError(f"nesting deeper than {_MAX_DEPTH} levels") from None
     except UnicodeDecodeError:
         raise MalformedError("a string is not valid UTF-8") from None
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise MalformedError(f"not valid MessagePack: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise MalformedError(f"the top level must be a map, not {_wire_type(raw)}")
-    _refuse_floats(raw, ())
+    _check_tree(raw)
     return raw
 
 
@@ -122,19 +142,30 @@ def _refuse_ext(code: int, data: bytes) -> object:
     raise MalformedError(f"MessagePack extension type {code} is not used by the protocol")
 
 
-def _refuse_floats(value: object, path: tuple[str | int, ...]) -> None:
-    if isinstance(value, float):
-        raise FloatNotAllowedError(
-            "floats are never allowed: money is integer minor units, quantities integer "
-            "thousandths, rates decimal strings",
-            field=field_path(path),
-        )
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _refuse_floats(item, (*path, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _refuse_floats(item, (*path, index))
+def _check_tree(root: dict[str, Any]) -> None:
+    """Refuse deep nesting, non-string map keys and floats, walking without recursion."""
+    stack: list[tuple[object, tuple[str | int, ...]]] = [(root, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, float):
+            raise FloatNotAllowedError(
+                "floats are never allowed: money is integer minor units, quantities integer "
+                "thousandths, rates decimal strings",
+                field=field_path(path),
+            )
+        if not isinstance(value, (dict, list)):
+            continue
+        if len(path) >= _MAX_DEPTH:
+            raise MalformedError(f"nesting deeper than {_MAX_DEPTH} levels", field=field_path(path))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    raise MalformedError(
+                        f"map keys must be strings, not {_wire_type(key)}", field=field_path(path)
+                    )
+                stack.append((item, (*path, key)))
+        else:
+            stack.extend((item, (*path, index)) for index, item in enumerate(value))
 
 
 def _message_class(raw: dict[str, Any]) -> type[Message]:
@@ -146,7 +177,9 @@ def _message_class(raw: dict[str, Any]) -> type[Message]:
         or len(version) != 2
         or not all(type(part) is int and part >= 0 for part in version)
     ):
-        raise WrongTypeError("v must be an array of two non-negative integers [major, minor]", field="v")
+        raise WrongTypeError(
+            "v must be an array of two non-negative integers [major, minor]", field="v"
+        )
     if version[0] != PROTOCOL_VERSION[0]:
         raise UnsupportedVersionError(
             f"protocol major version {version[0]} is not supported (this reader speaks "
@@ -178,7 +211,7 @@ def _validate(raw: dict[str, Any], cls: type[M]) -> M:
                     _drop(raw, error["loc"])
                 newer_minor = False
                 continue
-            raise _to_protocol_error(errors[0]) from None
+            raise _to_protocol_error(errors) from None
     raise AssertionError("unreachable: unknown fields are dropped at most once")
 
 
@@ -203,21 +236,47 @@ _CODE_BY_PYDANTIC_TYPE = {
 }
 
 
-def _to_protocol_error(error: Any) -> ProtocolError:
+def _to_protocol_error(errors: list[Any]) -> ProtocolError:
+    error = _most_specific(errors)
     kind: str = error["type"]
     code = _CODE_BY_PYDANTIC_TYPE.get(kind)
     if code is None:
-        code = "wrong_type" if kind.endswith("_type") or kind == "model_attributes_type" else "invalid_value"
-    loc = tuple(part for part in error["loc"] if not _is_union_tag(part))
+        code = "wrong_type" if kind.endswith("_type") else "invalid_value"
     reason = str(error["msg"])
-    if len(loc) != len(error["loc"]):
-        reason = "a catalog value must be nil, a boolean, an integer, a string, an array or a map"
+    loc: list[int | str] = []
+    for part in error["loc"]:
+        if part == "[key]":
+            # pydantic marks an invalid map key by appending "[key]" after the key itself.
+            reason = f"invalid map key: {reason}"
+        elif _is_union_tag(part):
+            reason = (
+                "a catalog value must be nil, a boolean, an integer, a string, an array or a map"
+            )
+        else:
+            loc.append(part)
     return protocol_error_for_code(code, reason, field_path(loc))
+
+
+def _most_specific(errors: list[Any]) -> Any:
+    """The first error, or, when it is about one member of a union (a catalog value), the
+    deepest error under the same value: a bad leaf deep inside is reported where it is."""
+    first = errors[0]
+    prefix: list[int | str] = []
+    for part in first["loc"]:
+        if _is_union_tag(part):
+            break
+        prefix.append(part)
+    else:
+        return first
+    same_value = [e for e in errors if list(e["loc"][: len(prefix)]) == prefix]
+    return max(same_value, key=lambda e: len(e["loc"]))
 
 
 def _is_union_tag(part: int | str) -> bool:
     # pydantic names union members in locations ("int", "list[...]"); they are not fields.
-    return isinstance(part, str) and (part in {"bool", "int", "str", "none"} or "[" in part)
+    return isinstance(part, str) and (
+        part in {"bool", "int", "str", "none"} or ("[" in part and part != "[key]")
+    )
 
 
 def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:

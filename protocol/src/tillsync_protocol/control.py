@@ -37,12 +37,16 @@ __all__ = [
 
 # The state of a catalog entity: nested maps and lists of nil, booleans, integers and
 # strings. Money inside it follows the same rule as everywhere: integer minor units.
+# (pydantic copies mutable defaults per instance, and every model is frozen: the
+# ``= []`` / ``= {}`` defaults below are safe, hence their RUF012 exemptions.)
 CatalogValue = TypeAliasType(
     "CatalogValue",
-    "None | StrictBool | StrictInt | StrictStr | list[CatalogValue] | dict[str, CatalogValue]",
+    "StrictBool | StrictInt | StrictStr | list[CatalogValue] | dict[str, CatalogValue] | None",
 )
 ScopeName = Annotated[StrictStr, Field(pattern=r"^(global|[a-z0-9][a-z0-9-]{0,62})$")]
-Cursors = Annotated[dict[ScopeName, Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]], Field(max_length=64)]
+Cursors = Annotated[
+    dict[ScopeName, Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]], Field(max_length=64)
+]
 Entities = Annotated[list[EntityName], Field(max_length=32)]
 
 
@@ -66,7 +70,7 @@ class Rejection(Model):
 class AckBody(Model):
     register_id: WireId
     accepted: Annotated[list[SeqRange], Field(max_length=10_000)]
-    rejected: Annotated[list[Rejection], Field(max_length=10_000)] = []
+    rejected: Annotated[list[Rejection], Field(max_length=10_000)] = []  # noqa: RUF012
 
 
 class SyncSummary(Model):
@@ -87,7 +91,7 @@ class HeartbeatBody(Model):
     rejected: Count
     acknowledged: Count
     last_seq: Count
-    cursors: Cursors = {}
+    cursors: Cursors = {}  # noqa: RUF012
     last_sync: SyncSummary | None = None
     last_error: Text | None = None
 
@@ -111,7 +115,7 @@ class DeltaRequestBody(Model):
     register_id: WireId
     center_id: WireId
     mode: Literal["delta", "snapshot"] = "delta"
-    cursors: Cursors = {}
+    cursors: Cursors = {}  # noqa: RUF012
     entities: Entities | None = None
     with_customers: StrictBool = True
     page_size: Annotated[StrictInt, Field(ge=1, le=5000)] = 1000
@@ -206,4 +210,3 @@ CONTROL_TYPES: dict[str, type[ControlMessage]] = {
         ResendRequest,
     )
 }
-

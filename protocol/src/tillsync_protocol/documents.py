@@ -54,6 +54,8 @@ __all__ = [
 ShiftNo = Annotated[StrictInt, Field(ge=1, le=2**31)]
 LineNo = Annotated[StrictInt, Field(ge=1, le=10_000)]
 Points = Annotated[StrictInt, Field(ge=1, le=10**12)]
+# pydantic copies mutable defaults per instance and the models are frozen: the ``= []``
+# defaults below are safe, hence their RUF012 exemptions.
 
 
 class ReceiptLine(Model):
@@ -101,8 +103,8 @@ class ReceiptBody(Model):
     employee_id: EntityId
     currency: Currency
     lines: Annotated[list[ReceiptLine], Field(min_length=1, max_length=2000)]
-    discounts: Annotated[list[Discount], Field(max_length=2000)] = []
-    taxes: Annotated[list[TaxSummary], Field(max_length=100)] = []
+    discounts: Annotated[list[Discount], Field(max_length=2000)] = []  # noqa: RUF012
+    taxes: Annotated[list[TaxSummary], Field(max_length=100)] = []  # noqa: RUF012
     payments: Annotated[list[Payment], Field(min_length=1, max_length=100)]
     total: Amount
     customer_id: EntityId | None = None

@@ -18,7 +18,9 @@ __all__ = ["PROTOCOL_VERSION", "ControlMessage", "Document", "Message", "Version
 PROTOCOL_VERSION: tuple[int, int] = (1, 0)
 """(major, minor) this library writes and reads."""
 
-Version = Annotated[list[Annotated[StrictInt, Field(ge=0, le=65535)]], Field(min_length=2, max_length=2)]
+Version = Annotated[
+    list[Annotated[StrictInt, Field(ge=0, le=65535)]], Field(min_length=2, max_length=2)
+]
 
 
 class Model(BaseModel):

@@ -59,7 +59,8 @@ CATALOG_EXCHANGE = "tillsync.catalog"
 REGISTERS_EXCHANGE = "tillsync.registers"
 """Topic exchange of what is meant for one register, key ``reg.<register>.<kind>``."""
 RPC_EXCHANGE = "tillsync.rpc"
-"""Topic exchange of requests to central (delta, snapshot), key ``rpc.<center>.<register>.<name>``."""
+"""Topic exchange of requests to central (delta, snapshot),
+key ``rpc.<center>.<register>.<name>``."""
 RPC_QUEUE = "tillsync.rpc.catalog"
 PRESENCE_EXCHANGE = "tillsync.presence"
 """Topic exchange of heartbeats, key ``hb.<center>.<register>``."""
@@ -184,7 +185,8 @@ def shared_bindings() -> list[Binding]:
 
 
 def definitions(vhost: str = "/") -> dict[str, Any]:
-    """The shared topology as a RabbitMQ definitions document (``rabbitmqctl import_definitions``)."""
+    """The shared topology as a RabbitMQ definitions document
+    (``rabbitmqctl import_definitions``)."""
     return {
         "exchanges": [
             {
