@@ -1,0 +1,153 @@
+"""Settings of a central process, built once at the edge (the CLI) and passed down.
+
+Sources, highest priority first: keyword arguments, ``TILLSYNC_*`` environment variables,
+then the TOML file named by ``config`` (``load_settings(config_file)`` or
+``TILLSYNC_CONFIG``), then the defaults below, which match ``deploy/dev/services``. The
+TOML file holds the same keys at its top level::
+
+    database_url = "postgresql://tillsync:secret@db.example:5432/tillsync"
+    ingest_batch_size = 1000
+    log_format = "json"
+
+URLs carry passwords, so they are ``SecretStr``: masked in ``repr`` and logs; call
+``get_secret_value()`` only where a client needs the real URL, and log
+``redact_url(...)`` instead.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from tillsync_protocol import ConfigError
+
+__all__ = ["CentralSettings", "LogFormat", "LogLevel", "load_settings", "redact_url"]
+
+LogFormat = Literal["console", "json"]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+_URL_SCHEMES: dict[str, tuple[str, ...]] = {
+    "amqp_url": ("amqp", "amqps"),
+    "database_url": ("postgresql", "postgres"),
+    "rabbitmq_api_url": ("http", "https"),
+}
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.IGNORECASE)
+
+
+def redact_url(url: str | SecretStr) -> str:
+    """The URL with its password replaced by ``***``: safe to log and to show."""
+    text = url.get_secret_value() if isinstance(url, SecretStr) else url
+    return _PASSWORD_IN_URL.sub(r"\g<head>***@", text)
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Values from the TOML file named by ``config``, as already resolved by the
+    higher-priority sources (keyword arguments, then ``TILLSYNC_CONFIG``)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        # Unused: __call__ reads the whole file at once.
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self.current_state.get("config")
+        if path is None:
+            return {}
+        path = Path(path)
+        try:
+            with path.open("rb") as file:
+                values = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}", field="config") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}", field="config") from exc
+        values.pop("config", None)  # a file naming another file would be a loop
+        return values
+
+
+class CentralSettings(BaseSettings):
+    """Everything a central process needs to know; one instance per process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TILLSYNC_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    config: Path | None = None
+    """The TOML file the other values were read from, if any."""
+
+    amqp_url: SecretStr = SecretStr("amqp://tillsync:tillsync@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr("postgresql://tillsync:tillsync@127.0.0.1:5432/tillsync")
+    rabbitmq_api_url: SecretStr = SecretStr("http://tillsync:tillsync@127.0.0.1:15672/")
+
+    db_pool_min_size: int = Field(default=1, ge=0, le=1000)
+    db_pool_max_size: int = Field(default=10, ge=1, le=1000)
+    db_connect_timeout: float = Field(default=10.0, gt=0, le=600)
+    """Seconds to open one PostgreSQL connection."""
+    db_command_timeout: float = Field(default=60.0, gt=0, le=86_400)
+    """Default seconds a single statement may take."""
+    migration_lock_timeout: float = Field(default=300.0, gt=0, le=86_400)
+    """Seconds a starting process waits for another one's migrations to finish."""
+
+    ingest_batch_size: int = Field(default=500, ge=1, le=100_000)
+    ingest_batch_max_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    ingest_prefetch: int = Field(default=2000, ge=1, le=65_535)
+
+    log_format: LogFormat = "console"
+    log_level: LogLevel = "info"
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("amqp_url", "database_url", "rabbitmq_api_url")
+    @classmethod
+    def _check_scheme(cls, value: SecretStr, info: Any) -> SecretStr:
+        allowed = _URL_SCHEMES[info.field_name]
+        parts = urlsplit(value.get_secret_value())
+        if parts.scheme not in allowed or not parts.hostname:
+            raise ValueError(
+                f"must be a {' or '.join(allowed)} URL with a host, not {redact_url(value)!r}"
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env file and no secrets dir: what is not in the environment is in the file.
+        return init_settings, env_settings, _TomlFileSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None) -> CentralSettings:
+    """Build the settings, or raise ``ConfigError`` naming the first bad field.
+
+    ``config_file`` takes precedence over ``TILLSYNC_CONFIG``; environment variables
+    take precedence over the file.
+    """
+    overrides: dict[str, Any] = {} if config_file is None else {"config": config_file}
+    try:
+        return CentralSettings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"])
+        reason = error["msg"].removeprefix("Value error, ")
+        raise ConfigError(reason, field=field) from None
