@@ -1,0 +1,228 @@
+"""``tillsync-agent``: run the service, submit documents, show status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tillsync_protocol import TillsyncError
+
+from .control_socket import request
+from .logs import configure_logging
+from .outbox import Outbox
+from .service import Agent
+from .settings import AgentSettings, load_settings
+from .store import Store, open_readonly
+
+app = typer.Typer(help="tillsync register agent", no_args_is_help=True, add_completion=False)
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="TILLSYNC_CONFIG", help="TOML settings file"),
+]
+SUBMIT_CHUNK = 500
+
+
+def _settings(config: Path | None) -> AgentSettings:
+    try:
+        return load_settings(config)
+    except TillsyncError as exc:
+        _fail(exc.to_dict())
+        raise  # unreachable
+
+
+def _fail(error: dict[str, Any], exit_code: int = 2) -> None:
+    err_console.print(
+        f"[red]error[/red] {error['code']} {error.get('field') or ''}: {error['reason']}"
+    )
+    raise typer.Exit(exit_code)
+
+
+@app.command()
+def run(config: ConfigOption = None) -> None:
+    """Run the agent service until SIGTERM or Ctrl-C (in-flight work is drained first)."""
+    settings = _settings(config)
+    configure_logging(settings.log_format, settings.log_level)
+
+    async def main() -> None:
+        async with Agent(settings) as agent:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, agent.stop)
+            await agent.run()
+
+    try:
+        asyncio.run(main())
+    except TillsyncError as exc:
+        _fail(exc.to_dict())
+
+
+def _read_documents(source: Path | None) -> Iterator[tuple[int, Any]]:
+    stream = sys.stdin if source is None or str(source) == "-" else source.open(encoding="utf-8")
+    for number, line in enumerate(stream, start=1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except ValueError as exc:
+                yield number, exc
+
+
+@app.command()
+def submit(
+    source: Annotated[
+        Path | None,
+        typer.Argument(help="JSON lines file ({type, body} per line); - or nothing for stdin"),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Store documents in the outbox (through the running service if there is one)."""
+    settings = _settings(config)
+    lines = list(_read_documents(source))
+    replies = asyncio.run(_submit_all(settings, lines))
+    stored = [r for r in replies if r.get("ok")]
+    failed = [(n, r) for (n, _), r in zip(lines, replies, strict=True) if not r.get("ok")]
+    for number, reply in failed:
+        e = reply["error"]
+        err_console.print(
+            f"line {number}: [red]{e['code']}[/red] {e.get('field') or ''}: {e['reason']}"
+        )
+    if stored:
+        console.print(
+            f"stored {len(stored)} document(s), seq {stored[0]['seq']}..{stored[-1]['seq']}"
+        )
+    else:
+        console.print("stored 0 documents")
+    if failed:
+        raise typer.Exit(1)
+
+
+async def _submit_all(
+    settings: AgentSettings, lines: list[tuple[int, Any]]
+) -> list[dict[str, Any]]:
+    documents = [
+        d if not isinstance(d, Exception) else {"type": None, "body": None, "_error": str(d)}
+        for _, d in lines
+    ]
+    replies: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(documents), SUBMIT_CHUNK):
+            chunk = documents[start : start + SUBMIT_CHUNK]
+            (reply,) = await request(
+                settings.socket_path, [{"op": "submit_many", "documents": chunk}]
+            )
+            replies.extend(reply["results"])
+    except (FileNotFoundError, ConnectionRefusedError):
+        if replies:
+            raise
+        # No service running: write the outbox ourselves (the store lock keeps one writer).
+        async with Store(settings.database_path) as store:
+            outbox = Outbox(store, register_id=settings.register_id, center_id=settings.center_id)
+            await outbox.load()
+            # Gathered so that the outbox commits them together (group commit).
+            replies = list(await asyncio.gather(*(_submit_direct(outbox, d) for d in documents)))
+    for (number, raw), reply in zip(lines, replies, strict=True):
+        if isinstance(raw, Exception):
+            reply.update(
+                ok=False,
+                error={
+                    "code": "malformed",
+                    "field": "",
+                    "reason": f"line {number} is not JSON: {raw}",
+                },
+            )
+    return replies
+
+
+async def _submit_direct(outbox: Outbox, document: Any) -> dict[str, Any]:
+    if (
+        not isinstance(document, dict)
+        or not isinstance(document.get("type"), str)
+        or not isinstance(document.get("body"), dict)
+    ):
+        return {
+            "ok": False,
+            "error": {
+                "code": "malformed",
+                "field": "",
+                "reason": 'each line is {"type": str, "body": {...}}',
+            },
+        }
+    try:
+        submitted = await outbox.submit(document["type"], document["body"])
+    except TillsyncError as exc:
+        return {"ok": False, "error": exc.to_dict()}
+    return {"ok": True, "seq": submitted.seq, "doc_id": submitted.doc_id}
+
+
+def _offline_status(settings: AgentSettings) -> dict[str, Any]:
+    with open_readonly(settings.database_path) as db:
+        counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
+        state = dict(db.execute("SELECT key, value FROM agent_state").fetchall())
+    return {
+        "register_id": settings.register_id,
+        "center_id": settings.center_id,
+        "running": False,
+        "connected": False,
+        "pending": counters["pending"],
+        "rejected": counters["rejected"],
+        "acknowledged": counters["acknowledged"],
+        "last_seq": counters["last_seq"],
+        "last_successful_send_at": state.get("last_successful_send_at"),
+        "last_error": state.get("last_error"),
+    }
+
+
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Register, center, pending / rejected / acknowledged counts, link state."""
+    settings = _settings(config)
+    info: dict[str, Any]
+    try:
+        (info,) = asyncio.run(request(settings.socket_path, [{"op": "status"}], timeout=5))
+        info.pop("ok", None)
+    except (TimeoutError, OSError):
+        try:
+            info = _offline_status(settings)
+        except TillsyncError as exc:
+            _fail(exc.to_dict())
+            return
+    if as_json:
+        console.print_json(json.dumps(info))
+        return
+    table = Table(show_header=False, box=None)
+    for key in (
+        "register_id",
+        "center_id",
+        "running",
+        "connected",
+        "pending",
+        "rejected",
+        "acknowledged",
+        "last_seq",
+        "last_successful_send_at",
+        "last_error",
+    ):
+        table.add_row(key.replace("_", " "), str(info.get(key)))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

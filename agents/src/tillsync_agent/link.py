@@ -1,0 +1,116 @@
+"""The agent's link to RabbitMQ: connect, serve, and reconnect with backoff.
+
+We own this loop instead of using aio-pika's robust connection, whose publishes can hang
+while it is disconnected: here every await has a timeout, and the link's state
+(connected or not, last error, next retry) is explicit and shown by ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage
+
+from tillsync_protocol import topology
+
+from .backoff import Backoff
+from .outbox import now_ms
+from .sender import Sender
+from .settings import AgentSettings
+
+__all__ = ["Link", "LinkState"]
+
+log = structlog.get_logger(__name__)
+
+CONNECT_TIMEOUT_S = 15.0
+
+
+@dataclass
+class LinkState:
+    connected: bool = False
+    connected_since: int | None = None
+    last_error: str | None = None
+    reconnects: int = 0
+    next_retry_in_s: float | None = None
+
+
+class Link:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        sender: Sender,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    ) -> None:
+        self._settings = settings
+        self._sender = sender
+        self._on_message = on_message
+        self._backoff = Backoff(settings.reconnect_base_s, settings.reconnect_cap_s)
+        self.state = LinkState()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Stay connected until ``stopping`` is set; never busy-loops."""
+        while not stopping.is_set():
+            try:
+                await self._connect_and_serve(stopping)
+            except (TimeoutError, Exception) as exc:
+                self.state.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    "link down", register_id=self._settings.register_id, error=self.state.last_error
+                )
+            self.state.connected = False
+            self.state.connected_since = None
+            if stopping.is_set():
+                break
+            delay = self._backoff.next()
+            self.state.next_retry_in_s = round(delay, 2)
+            try:
+                await asyncio.wait_for(stopping.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            self.state.reconnects += 1
+
+    async def _connect_and_serve(self, stopping: asyncio.Event) -> None:
+        connection = await asyncio.wait_for(
+            aio_pika.connect(
+                self._settings.amqp_url.get_secret_value(),
+                timeout=CONNECT_TIMEOUT_S,
+                client_properties={
+                    "connection_name": f"tillsync-agent {self._settings.register_id}"
+                },
+            ),
+            timeout=CONNECT_TIMEOUT_S + 1,
+        )
+        closed = asyncio.Event()
+        connection.close_callbacks.add(lambda *_: closed.set())
+        try:
+            publish_channel = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            publish_channel.close_callbacks.add(lambda *_: closed.set())
+            consume_channel = await connection.channel()
+            consume_channel.close_callbacks.add(lambda *_: closed.set())
+            await consume_channel.set_qos(prefetch_count=200)
+            # Central provisions the register's queue; a register declares nothing.
+            queue = await consume_channel.get_queue(
+                topology.register_queue(self._settings.register_id), ensure=False
+            )
+            await queue.consume(self._on_message)
+            exchange = await publish_channel.get_exchange(topology.DOCS_EXCHANGE, ensure=False)
+            self.state.connected = True
+            self.state.connected_since = now_ms()
+            self.state.last_error = None
+            self.state.next_retry_in_s = None
+            self._backoff.reset()
+            log.info("link up", register_id=self._settings.register_id)
+            await self._sender.serve(exchange, closed, stopping)
+            if closed.is_set() and not stopping.is_set():
+                raise ConnectionError("connection closed by the broker")
+        finally:
+            try:
+                await asyncio.wait_for(connection.close(), timeout=5)
+            except (TimeoutError, Exception):
+                pass

@@ -1,0 +1,323 @@
+"""The outbox: every document a register produced, with its dense ``seq`` and its state.
+
+pending → published → acknowledged, or rejected (with central's code and reason). The
+counts (``pending`` = not yet acknowledged nor rejected) live in a ``counters`` row that
+the same transaction updates, so they are exact at every moment and O(1) to read.
+
+Submits that arrive together are committed together ("group commit"): the caller that
+gets the write lock writes every queued submit in one transaction, and each caller gets
+its own result or its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tillsync_protocol import (
+    PROTOCOL_VERSION,
+    AckBody,
+    Document,
+    TillsyncError,
+    encode,
+    validate,
+)
+
+from .store import Store
+
+__all__ = ["Counts", "Outbox", "OutboxRow", "Submitted", "now_ms"]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Submitted:
+    seq: int
+    doc_id: str
+    doc_type: str
+
+
+@dataclass(frozen=True)
+class Counts:
+    last_seq: int
+    pending: int
+    acknowledged: int
+    rejected: int
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    doc_id: str
+    doc_type: str
+    payload: bytes
+    attempts: int
+
+
+@dataclass
+class _Request:
+    doc_type: str
+    body: Mapping[str, Any]
+    future: asyncio.Future[Submitted]
+
+
+_DUE = """
+SELECT seq, doc_id, doc_type, payload, attempts FROM outbox
+WHERE state IN ('pending', 'published') AND next_attempt_at <= ?
+ORDER BY seq LIMIT ?
+"""
+_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM outbox WHERE state IN ('pending', 'published')"
+_INSERT = """
+INSERT INTO outbox (seq, doc_id, doc_type, created_at, shift_no, payload, state, next_attempt_at)
+VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
+"""
+_COUNTERS = "SELECT name, value FROM counters"
+_ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
+_SET_COUNTER = "UPDATE counters SET value = ? WHERE name = ?"
+_MARK_PUBLISHED = """
+UPDATE outbox SET state = 'published', attempts = attempts + 1, last_sent_at = ?,
+    next_attempt_at = ?
+WHERE seq = ? AND state IN ('pending', 'published')
+"""
+_MARK_FAILED = """
+UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?
+WHERE seq = ? AND state IN ('pending', 'published')
+"""
+_ACK_RANGE = """
+UPDATE outbox SET state = 'acknowledged', acked_at = ?
+WHERE seq BETWEEN ? AND ? AND state IN ('pending', 'published')
+"""
+_REJECT = """
+UPDATE outbox SET state = 'rejected', acked_at = ?, reject_code = ?, reject_field = ?,
+    reject_reason = ?
+WHERE seq = ? AND state IN ('pending', 'published')
+"""
+_ALL_DUE = "UPDATE outbox SET next_attempt_at = ? WHERE state IN ('pending', 'published')"
+_RANGE_DUE = """
+UPDATE outbox SET next_attempt_at = ?
+WHERE state IN ('pending', 'published') AND seq BETWEEN ? AND ?
+"""
+_SHIFT_DUE = """
+UPDATE outbox SET next_attempt_at = ?
+WHERE state IN ('pending', 'published') AND shift_no = ?
+"""
+
+
+class Outbox:
+    """The register's outbox over the one writer connection of :class:`Store`."""
+
+    def __init__(self, store: Store, *, register_id: str, center_id: str) -> None:
+        self._store = store
+        self.register_id = register_id
+        self.center_id = center_id
+        self._lock = asyncio.Lock()
+        self._queue: list[_Request] = []
+        self._counts = Counts(0, 0, 0, 0)
+        self.changed = asyncio.Event()
+        """Set whenever there may be something new to publish."""
+
+    async def load(self) -> None:
+        """Read the counters (after the store is opened)."""
+        async with self._store.db.execute(_COUNTERS) as cursor:
+            values = {name: value for name, value in await cursor.fetchall()}
+        self._counts = Counts(
+            values["last_seq"], values["pending"], values["acknowledged"], values["rejected"]
+        )
+
+    @property
+    def counts(self) -> Counts:
+        """Exact counts as of the last commit; O(1)."""
+        return self._counts
+
+    # -- submit -------------------------------------------------------------------------
+
+    async def submit(self, doc_type: str, body: Mapping[str, Any]) -> Submitted:
+        """Store a document; return once it is committed with its seq and doc_id.
+
+        Raises a ``ProtocolError`` (code, field, reason) if the document is not valid.
+        Never touches the network.
+        """
+        future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(doc_type, body, future))
+        async with self._lock:
+            if not future.done():
+                batch, self._queue = self._queue, []
+                await self._write(batch)
+        return future.result()
+
+    async def submit_many(
+        self, documents: Iterable[tuple[str, Mapping[str, Any]]]
+    ) -> list[Submitted]:
+        """Submit several documents; they are committed in as few transactions as possible."""
+        results = await asyncio.gather(
+            *(self.submit(doc_type, body) for doc_type, body in documents), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return [r for r in results if isinstance(r, Submitted)]
+
+    async def _write(self, batch: Sequence[_Request]) -> None:
+        db = self._store.db
+        counts = self._counts
+        seq = counts.last_seq
+        rows: list[tuple[Any, ...]] = []
+        accepted: list[tuple[_Request, Submitted]] = []
+        shifts_closed: list[int] = []
+        now = now_ms()
+        for request in batch:
+            try:
+                document = self._build(request.doc_type, request.body, seq + 1, now)
+            except TillsyncError as exc:
+                request.future.set_exception(exc)
+                continue
+            seq += 1
+            shift_no = getattr(getattr(document, "body", None), "shift_no", None)
+            if document.type == "shift_close" and shift_no is not None:
+                shifts_closed.append(shift_no)
+            rows.append((seq, document.doc_id, document.type, now, shift_no, encode(document), now))
+            accepted.append((request, Submitted(seq, document.doc_id, document.type)))
+        if not rows:
+            return
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(_INSERT, rows)
+            # A shift close triggers a check of the whole shift: resend what is still open.
+            for shift_no in shifts_closed:
+                await db.execute(_SHIFT_DUE, (now, shift_no))
+            await db.execute(_SET_COUNTER, (seq, "last_seq"))
+            await db.execute(_ADD_COUNTER, (len(rows), "pending"))
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            await _rollback(db)
+            for request, _ in accepted:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            raise
+        self._counts = Counts(seq, counts.pending + len(rows), counts.acknowledged, counts.rejected)
+        for request, submitted in accepted:
+            request.future.set_result(submitted)
+        self.changed.set()
+
+    def _build(self, doc_type: str, body: Mapping[str, Any], seq: int, now: int) -> Document:
+        message = validate(
+            {
+                "v": list(PROTOCOL_VERSION),
+                "type": doc_type,
+                "created_at": now,
+                "doc_id": str(uuid.uuid4()),
+                "register_id": self.register_id,
+                "center_id": self.center_id,
+                "seq": seq,
+                "body": dict(body),
+            }
+        )
+        if not isinstance(message, Document):
+            from tillsync_protocol import UnknownTypeError
+
+            raise UnknownTypeError(f"{doc_type!r} is not a document type", field="type")
+        return message
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def due(self, limit: int, now: int | None = None) -> list[OutboxRow]:
+        """Rows to publish now, in seq order."""
+        async with self._store.db.execute(
+            _DUE, (now_ms() if now is None else now, limit)
+        ) as cursor:
+            return [OutboxRow(*row) for row in await cursor.fetchall()]
+
+    async def next_due_at(self) -> int | None:
+        async with self._store.db.execute(_NEXT_DUE) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
+
+    async def mark_published(self, published: Sequence[tuple[int, int]], now: int) -> None:
+        """``published`` is ``(seq, next_attempt_at)`` for each confirmed publish."""
+        await self._transaction(
+            [(_MARK_PUBLISHED, [(now, next_at, seq) for seq, next_at in published])]
+        )
+
+    async def mark_failed(self, failed: Sequence[tuple[int, int]]) -> None:
+        """``failed`` is ``(seq, next_attempt_at)``: not confirmed, try again then."""
+        await self._transaction([(_MARK_FAILED, [(next_at, seq) for seq, next_at in failed])])
+
+    async def make_due(self, *, first: int | None = None, last: int | None = None) -> None:
+        """Make open rows (all, or a seq range) due now: reconnect, sweep, resend request."""
+        now = now_ms()
+        if first is None or last is None:
+            await self._transaction([(_ALL_DUE, [(now,)])])
+        else:
+            await self._transaction([(_RANGE_DUE, [(now, first, last)])])
+        self.changed.set()
+
+    async def apply_ack(self, ack: AckBody) -> tuple[int, int]:
+        """Mark acknowledged and rejected rows; returns how many changed state (a repeated
+        ack changes nothing)."""
+        now = now_ms()
+        async with self._lock:
+            db = self._store.db
+            acked = rejected = 0
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                for seq_range in ack.accepted:
+                    cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
+                    acked += cursor.rowcount
+                for rejection in ack.rejected:
+                    cursor = await db.execute(
+                        _REJECT,
+                        (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
+                    )
+                    rejected += cursor.rowcount
+                await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
+                await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
+                await db.execute(_ADD_COUNTER, (rejected, "rejected"))
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
+            c = self._counts
+            self._counts = Counts(
+                c.last_seq,
+                c.pending - acked - rejected,
+                c.acknowledged + acked,
+                c.rejected + rejected,
+            )
+        return acked, rejected
+
+    async def rejected_documents(self, limit: int = 100) -> list[dict[str, Any]]:
+        sql = """SELECT seq, doc_id, doc_type, reject_code, reject_field, reject_reason
+                 FROM outbox WHERE state = 'rejected' ORDER BY seq DESC LIMIT ?"""
+        async with self._store.db.execute(sql, (limit,)) as cursor:
+            names = ["seq", "doc_id", "doc_type", "code", "field", "reason"]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def set_state(self, key: str, value: str | None) -> None:
+        await self._transaction(
+            [("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", [(key, value)])]
+        )
+
+    async def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        async with self._lock:
+            db = self._store.db
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                for sql, params in statements:
+                    await db.executemany(sql, params)
+                await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
+
+
+async def _rollback(db: Any) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except Exception:  # no transaction open: nothing to undo
+        pass

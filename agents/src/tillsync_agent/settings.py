@@ -1,0 +1,86 @@
+"""The agent's settings: one object, built at the edge (CLI) and handed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tillsync_protocol import ConfigError
+
+__all__ = ["AgentSettings", "load_settings"]
+
+
+class AgentSettings(BaseSettings):
+    """Everything one register agent needs. Environment variables are ``TILLSYNC_<FIELD>``."""
+
+    model_config = SettingsConfigDict(env_prefix="TILLSYNC_", extra="forbid")
+
+    register_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    center_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    amqp_url: SecretStr = SecretStr("amqp://127.0.0.1:5672/")
+    data_dir: Path = Path("/var/lib/tillsync-agent")
+
+    publish_timeout_s: float = Field(10.0, gt=0)
+    """Longest wait for one batch of publisher confirms."""
+    ack_timeout_s: float = Field(30.0, gt=0)
+    """A published document with no ack from central after this long is published again."""
+    retry_base_s: float = Field(1.0, gt=0)
+    retry_cap_s: float = Field(300.0, gt=0)
+    reconnect_base_s: float = Field(0.5, gt=0)
+    reconnect_cap_s: float = Field(60.0, gt=0)
+    sweep_interval_s: float = Field(6 * 3600.0, gt=0)
+    """Every this often, everything not yet acknowledged is published again (seeds: 6–12 h)."""
+    max_in_flight: int = Field(1000, ge=1, le=100_000)
+    log_format: str = Field("console", pattern="^(console|json)$")
+    log_level: str = "info"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "agent.sqlite3"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.data_dir / "agent.sock"
+
+    @property
+    def broker_user(self) -> str:
+        """The AMQP user this agent logs in as: set as ``user_id`` on every document."""
+        return unquote(urlsplit(self.amqp_url.get_secret_value()).username or "guest")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if settings_cls.model_config.get("toml_file"):
+            sources.append(TomlConfigSettingsSource(settings_cls))
+        return tuple(sources)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> AgentSettings:
+    """Build the settings from ``overrides``, then the environment, then the TOML file."""
+    path = config_file
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", field="config")
+    cls: type[AgentSettings] = AgentSettings
+    if path is not None:
+        config = SettingsConfigDict(**{**AgentSettings.model_config, "toml_file": path})
+        cls = type("AgentSettings", (AgentSettings,), {"model_config": config})
+    try:
+        return cls(**overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("\n", " "), field="settings") from None
