@@ -1,0 +1,130 @@
+"""The outbox against a real SQLite file: dense seqs, exact counts, durability, one writer."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tillsync_agent.outbox import Outbox, now_ms
+from tillsync_agent.store import Store, StoreLockedError
+from tillsync_protocol import AckBody, FloatNotAllowedError, Rejection, SeqRange, decode_document
+
+from .documents import receipt, shift_close
+
+
+async def open_outbox(store: Store) -> Outbox:
+    outbox = Outbox(store, register_id="r-1", center_id="c-1")
+    await outbox.load()
+    return outbox
+
+
+def table_counts(path: Path) -> dict[str, int]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
+    return dict(rows)
+
+
+async def test_concurrent_submits_get_dense_seqs_and_exact_counts(tmp_path: Path) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        first = await asyncio.gather(*(outbox.submit("receipt", receipt()) for _ in range(300)))
+        second = [await outbox.submit("receipt", receipt()) for _ in range(20)]
+        seqs = sorted(s.seq for s in first + second)
+        assert seqs == list(range(1, 321))
+        assert len({s.doc_id for s in first + second}) == 320
+        assert outbox.counts.pending == 320
+        assert outbox.counts.last_seq == 320
+    # Both ends: what the counters say is what the table holds.
+    assert table_counts(tmp_path / "a.db") == {"pending": 320}
+
+
+async def test_invalid_document_is_refused_with_code_and_field_and_uses_no_seq(
+    tmp_path: Path,
+) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        good = await outbox.submit("receipt", receipt())
+        bad = receipt()
+        bad["lines"][0]["unit_price"] = 1.5
+        results = await asyncio.gather(
+            outbox.submit("receipt", bad),
+            outbox.submit("receipt", receipt()),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], FloatNotAllowedError)
+        assert results[0].field == "body.lines[0].unit_price"
+        assert not isinstance(results[1], BaseException)
+        assert results[1].seq == good.seq + 1
+        assert outbox.counts.pending == 2
+
+
+async def test_stored_bytes_are_a_valid_document_with_the_envelope(tmp_path: Path) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        submitted = await outbox.submit("receipt", receipt(500))
+        (row,) = await outbox.due(10)
+    document = decode_document(row.payload)
+    assert (document.register_id, document.center_id, document.seq) == ("r-1", "c-1", 1)
+    assert document.doc_id == submitted.doc_id
+    assert abs(document.created_at - now_ms()) < 60_000
+
+
+async def test_acks_and_rejections_update_counts_once(tmp_path: Path) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        for _ in range(10):
+            await outbox.submit("receipt", receipt())
+        ack = AckBody(
+            register_id="r-1",
+            accepted=[SeqRange(first=1, last=4), SeqRange(first=6, last=8)],
+            rejected=[Rejection(seq=5, code="conflict", field="", reason="different content")],
+        )
+        assert await outbox.apply_ack(ack) == (7, 1)
+        assert await outbox.apply_ack(ack) == (0, 0)  # a repeated ack changes nothing
+        counts = outbox.counts
+        assert (counts.pending, counts.acknowledged, counts.rejected) == (2, 7, 1)
+        assert [r["seq"] for r in await outbox.rejected_documents()] == [5]
+        assert [row.seq for row in await outbox.due(100)] == [9, 10]
+    assert table_counts(tmp_path / "a.db") == {"acknowledged": 7, "rejected": 1, "pending": 2}
+
+
+async def test_counts_survive_a_restart(tmp_path: Path) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        for _ in range(5):
+            await outbox.submit("receipt", receipt())
+        await outbox.apply_ack(AckBody(register_id="r-1", accepted=[SeqRange(first=1, last=2)]))
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        assert (outbox.counts.last_seq, outbox.counts.pending, outbox.counts.acknowledged) == (
+            5,
+            3,
+            2,
+        )
+        assert (await outbox.submit("receipt", receipt())).seq == 6
+
+
+async def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+    async with Store(tmp_path / "a.db"):
+        with pytest.raises(StoreLockedError) as info:
+            async with Store(tmp_path / "a.db"):
+                pass
+        assert info.value.code == "store_locked"
+
+
+async def test_published_rows_wait_and_a_shift_close_makes_its_shift_due(tmp_path: Path) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        for _ in range(3):
+            await outbox.submit("receipt", receipt(shift_no=7))
+        await outbox.submit("receipt", receipt(shift_no=8))
+        far = now_ms() + 3_600_000
+        await outbox.mark_published([(seq, far) for seq in (1, 2, 3, 4)], now_ms())
+        assert await outbox.due(100) == []
+        close = await outbox.submit("shift_close", shift_close(7, 1, 3, 3, 36_300))
+        assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, close.seq]
+        await outbox.make_due()
+        assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, 4, close.seq]
