@@ -143,7 +143,7 @@ def _refuse_ext(code: int, data: bytes) -> object:
 
 
 def _check_tree(root: dict[str, Any]) -> None:
-    """Refuse deep nesting, non-string map keys and floats, walking without recursion."""
+    """Refuse deep nesting, non-string map keys, timestamps and floats, without recursion."""
     stack: list[tuple[object, tuple[str | int, ...]]] = [(root, ())]
     while stack:
         value, path = stack.pop()
@@ -151,6 +151,13 @@ def _check_tree(root: dict[str, Any]) -> None:
             raise FloatNotAllowedError(
                 "floats are never allowed: money is integer minor units, quantities integer "
                 "thousandths, rates decimal strings",
+                field=field_path(path),
+            )
+        if isinstance(value, msgpack.Timestamp):
+            # msgpack decodes extension -1 itself, without calling ext_hook.
+            raise MalformedError(
+                "MessagePack extension type -1 (timestamp) is not used by the protocol: "
+                "times are integer Unix milliseconds",
                 field=field_path(path),
             )
         if not isinstance(value, (dict, list)):
