@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import asyncpg
+import structlog
 
 from tillsync_protocol import ConfigError
 
@@ -39,6 +41,8 @@ __all__ = [
 
 MIGRATION_LOCK_KEY = int.from_bytes(b"tillsync", "big")
 """The ``pg_advisory_lock`` key held while migrating (the bytes of "tillsync")."""
+
+_log = structlog.get_logger(__name__)
 
 _FILE_NAME = re.compile(r"^(?P<version>[0-9]{4})_(?P<slug>[a-z0-9_]+)\.sql$")
 
@@ -163,6 +167,7 @@ def _check_applied(migrations: Sequence[Migration], applied: Sequence[asyncpg.Re
 
 
 async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
+    started = time.monotonic()
     try:
         async with conn.transaction():
             await conn.execute(migration.sql)
@@ -176,6 +181,11 @@ async def _apply(conn: asyncpg.Connection, migration: Migration) -> None:
             field=migration.name,
             code="migration_failed",
         ) from exc
+    _log.info(
+        "migration_applied",
+        migration=migration.name,
+        seconds=round(time.monotonic() - started, 3),
+    )
 
 
 async def migrate(
