@@ -3,7 +3,8 @@
 -- dead letters), and where each register stands (register_state).
 --
 -- Money is bigint minor units of the row's currency; counts are bigint where the
--- protocol allows more than 2^31. Ids match the protocol's WireId pattern.
+-- protocol allows 2^31 or more (shift_no and z_number go up to 2^31 itself, one past
+-- integer). Ids match the protocol's WireId pattern.
 -- Never edit this file once applied: add 0002_….sql.
 
 CREATE TABLE centers (
@@ -51,7 +52,7 @@ CREATE TABLE receipts (
     center_id   text        NOT NULL,
     kind        text        NOT NULL CHECK (kind IN ('receipt', 'refund')),
     receipt_no  text        NOT NULL,
-    shift_no    integer     NOT NULL CHECK (shift_no >= 1),
+    shift_no    bigint      NOT NULL CHECK (shift_no >= 1),
     currency    text        NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
     total       bigint      NOT NULL,
     line_count  integer     NOT NULL CHECK (line_count >= 0),
@@ -69,7 +70,7 @@ CREATE INDEX receipts_customer_idx ON receipts (customer_id, created_at)
 -- may arrive in either order: upsert from both sides, each filling only its columns.
 CREATE TABLE shifts (
     register_id    text        NOT NULL REFERENCES registers (register_id),
-    shift_no       integer     NOT NULL CHECK (shift_no >= 1),
+    shift_no       bigint      NOT NULL CHECK (shift_no >= 1),
     center_id      text        NOT NULL,
     currency       text        NOT NULL CHECK (currency ~ '^[A-Z]{3}$'),
     -- from shift_open
@@ -79,7 +80,7 @@ CREATE TABLE shifts (
     -- from shift_close
     closed_seq     bigint,
     closed_at      timestamptz,
-    z_number       integer,
+    z_number       bigint,
     first_seq      bigint,     -- the seq range the register says the shift covers
     last_seq       bigint,
     receipt_count  bigint,
