@@ -48,6 +48,10 @@ def _decode_command(args: argparse.Namespace) -> int:
             )
         )
         return 1
+    except OSError as exc:
+        # Not a message problem: the operator named a file that cannot be read.
+        print(f"tillsync-protocol: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
     try:
         message = decode(data, max_size=args.max_size)
     except ProtocolError as exc:
