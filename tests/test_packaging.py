@@ -112,7 +112,8 @@ def test_protocol_wheel_alone_declares_only_its_three_dependencies(tmp_path: Pat
         names = archive.namelist()
         (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
         metadata = Parser().parsestr(archive.read(metadata_name).decode())
-    required = {canonicalize_name(Requirement(r).name) for r in metadata.get_all("Requires-Dist")}
+    lines = metadata.get_all("Requires-Dist") or []
+    required = {canonicalize_name(Requirement(line).name) for line in lines}
     assert required == PROTOCOL_DEPENDENCIES
     assert metadata["Name"] == "tillsync-protocol"
     packages = {n.split("/")[0] for n in names if ".dist-info/" not in n}

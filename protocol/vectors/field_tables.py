@@ -106,7 +106,7 @@ def _plain_type(prop: dict[str, Any]) -> str:
     if kind == "array":
         return f"array of {_plain_type(prop['items'])}"
     if kind == "object":
-        values = prop.get("additionalProperties") or next(
+        values: dict[str, Any] = prop.get("additionalProperties") or next(
             iter(prop.get("patternProperties", {}).values()), {}
         )
         return f"map of str → {_plain_type(values)}" if values else "map"

@@ -429,7 +429,7 @@ def valid_controls() -> list[tuple[str, str, Message]]:
             last_seq=0,
         ),
     )
-    item_state = {
+    item_state: dict[str, Any] = {
         "name": "Káva zrnková 250 g",
         "gross_price": 19_990,
         "currency": "CZK",
