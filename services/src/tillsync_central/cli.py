@@ -21,8 +21,16 @@ from rich.table import Table
 
 from tillsync_protocol import TillsyncError
 
-from .db import MigrationError, MigrationStatus, connect, migrate, migration_status
+from .db import (
+    MigrationError,
+    MigrationStatus,
+    connect,
+    create_pool,
+    migrate,
+    migration_status,
+)
 from .logs import configure_logging
+from .provisioning import Enrollment, RegisterInfo, Revocation
 from .settings import CentralSettings, load_settings, redact_url
 
 __all__ = ["app", "main"]
@@ -148,6 +156,140 @@ def migrate_command(
 
 # Long-running commands (`run`: ingest, relay, RPC, presence, admin API) are added here,
 # each as `@app.command()` wrapping its body in `_reported_errors()` and `_settings()`.
+
+
+@app.command("run")
+def run_command(
+    config: ConfigOption = None,
+    workers: Annotated[
+        int,
+        typer.Option("--workers", "-w", min=1, max=256, help="Ingest consumers in this process."),
+    ] = 1,
+) -> None:
+    """Migrate, declare the topology and ingest documents until SIGTERM or SIGINT."""
+    from .runner import run
+
+    with _reported_errors():
+        settings = _settings(config)
+        asyncio.run(run(settings, workers=workers))
+
+
+registers_app = typer.Typer(help="Enroll, list and revoke registers.", no_args_is_help=True)
+app.add_typer(registers_app, name="registers")
+
+
+async def _add_register(
+    settings: CentralSettings, center: str, register: str, password: str | None
+) -> Enrollment:
+    from .management import Management
+    from .provisioning import add_register
+    from .runner import declare
+
+    await declare(settings)
+    pool = await create_pool(settings)
+    try:
+        async with Management.from_settings(settings) as management:
+            return await add_register(
+                pool, management, settings.amqp_url.get_secret_value(), center, register, password
+            )
+    finally:
+        await pool.close()
+
+
+@registers_app.command("add")
+def registers_add(
+    center: Annotated[str, typer.Option("--center", help="The register's center (store).")],
+    register: Annotated[str, typer.Option("--register", help="The register's id.")],
+    password: Annotated[
+        str | None, typer.Option("--password", help="Broker password (default: a random one).")
+    ] = None,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(
+            "--bundle", help="Write the agent's settings (TOML, mode 0600) here.", dir_okay=False
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Enroll a register: its rows, its queue, and its broker user with least rights."""
+    with _reported_errors():
+        settings = _settings(config)
+        enrollment = asyncio.run(_add_register(settings, center, register, password))
+        _log.info("register enrolled", register_id=register, center_id=center)
+        if bundle is not None:
+            bundle.touch(mode=0o600, exist_ok=True)
+            bundle.chmod(0o600)
+            bundle.write_text(enrollment.agent_config(), encoding="utf-8")
+            _out.print(f"enrolled {register} in {center}; agent settings written to {bundle}")
+        else:
+            _out.print(f"enrolled {register} in {center} as broker user {enrollment.broker_user}")
+            _out.print(f"amqp_url = {enrollment.amqp_url}", highlight=False, markup=False)
+
+
+async def _revoke_register(settings: CentralSettings, register: str) -> Revocation:
+    from .management import Management
+    from .provisioning import revoke_register
+
+    pool = await create_pool(settings)
+    try:
+        async with Management.from_settings(settings) as management:
+            return await revoke_register(pool, management, register)
+    finally:
+        await pool.close()
+
+
+@registers_app.command("revoke")
+def registers_revoke(
+    register: Annotated[str, typer.Argument(help="The register's id.")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke a register: delete its broker user and close its connections."""
+    with _reported_errors():
+        settings = _settings(config)
+        revocation = asyncio.run(_revoke_register(settings, register))
+        _log.info(
+            "register revoked",
+            register_id=register,
+            connections_closed=revocation.connections_closed,
+        )
+        _out.print(
+            f"revoked {register}: broker user {revocation.broker_user} "
+            f"{'deleted' if revocation.user_deleted else 'was already gone'}, "
+            f"{revocation.connections_closed} connection(s) closed"
+        )
+
+
+async def _list_registers(settings: CentralSettings, center: str | None) -> list[RegisterInfo]:
+    from .provisioning import list_registers
+
+    pool = await create_pool(settings)
+    try:
+        return await list_registers(pool, center)
+    finally:
+        await pool.close()
+
+
+@registers_app.command("list")
+def registers_list(
+    center: Annotated[str | None, typer.Option("--center", help="Only this center.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """List registers with where their documents stand."""
+    with _reported_errors():
+        settings = _settings(config)
+        infos = asyncio.run(_list_registers(settings, center))
+        table = Table("center", "register", "broker user", "acked up to", "last seq", "state")
+        for info in infos:
+            state = "revoked" if info.revoked_at is not None else "active"
+            table.add_row(
+                info.center_id,
+                info.register_id,
+                info.broker_user,
+                str(info.contiguous_seq),
+                str(info.last_seq),
+                state,
+            )
+        _out.print(table)
 
 
 def main() -> None:

@@ -1,0 +1,251 @@
+"""The ingest workers: documents from ``tillsync.ingest`` into PostgreSQL, exactly once.
+
+Per batch (:class:`IngestWorker`, any number competing on the quorum queue):
+
+1. check every delivery (:func:`tillsync_central.intake.inspect`);
+2. apply the batch in one transaction (:func:`tillsync_central.store.store`): new
+   documents stored, repeats recognised by content hash, conflicts and refusals recorded;
+   if PostgreSQL is unreachable the batch is kept and retried with capped backoff, never
+   acknowledged and never dropped;
+3. after COMMIT, publish one ack per register (publisher confirms, with a timeout);
+4. then ``basic.ack`` the batch.
+
+A crash between any two steps leaves the batch unacknowledged: the broker redelivers
+it, step 2 finds duplicates, and step 3 acknowledges them again.
+
+:class:`DeadLetterWorker` keeps what the broker dead-lettered after the delivery limit
+(``tillsync.dead``) as dead letters with code ``delivery_limit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aio_pika
+import asyncpg
+import structlog
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+
+from tillsync_protocol import CONTENT_TYPE, encode, topology
+
+from .acks import build_acks
+from .backoff import Backoff
+from .consumer import BatchConsumer, Session, wait_any
+from .dead_letters import DeadLetter, insert_dead_letters, json_safe
+from .intake import Delivery, inspect
+from .settings import CentralSettings
+from .store import BatchResult, is_transient, store
+
+__all__ = ["DeadLetterWorker", "IngestStats", "IngestWorker", "delivery_of"]
+
+log = structlog.get_logger(__name__)
+
+PUBLISH_TIMEOUT_S = 10.0
+DB_RETRY_BASE_S = 0.2
+DB_RETRY_CAP_S = 10.0
+
+
+@dataclass
+class IngestStats:
+    """Counters of one process (all its workers), since it started."""
+
+    batches: int = 0
+    deliveries: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    refused: int = 0
+    acks_published: int = 0
+    dead_lettered_by_broker: int = 0
+    db_retries: int = 0
+
+
+def delivery_of(message: AbstractIncomingMessage) -> Delivery:
+    """What ingest keeps of an AMQP delivery."""
+    headers = json_safe(dict(message.headers or {}))
+    return Delivery(
+        body=bytes(message.body),
+        routing_key=message.routing_key or "",
+        user_id=message.user_id or None,
+        message_id=message.message_id or None,
+        headers=headers if isinstance(headers, dict) else {},
+    )
+
+
+class _DatabaseRetry:
+    """Retries a database step while its failure is transient and the session lives."""
+
+    def __init__(self, stats: IngestStats, consumer: str) -> None:
+        self._backoff = Backoff(DB_RETRY_BASE_S, DB_RETRY_CAP_S)
+        self._stats = stats
+        self._consumer = consumer
+
+    async def failed(self, exc: BaseException, session: Session, size: int) -> bool:
+        """After a failure: wait before the next try; False if the batch must be given up."""
+        if not is_transient(exc):
+            raise exc
+        delay = self._backoff.next()
+        self._stats.db_retries += 1
+        log.warning(
+            "database unavailable, batch kept for retry",
+            consumer=self._consumer,
+            batch_size=size,
+            retry_in_s=round(delay, 2),
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        if session.should_abandon():
+            return False
+        interrupted = await wait_any((session.closed, session.stopping), delay)
+        return not (interrupted and session.should_abandon())
+
+    def succeeded(self) -> None:
+        self._backoff.reset()
+
+
+class IngestWorker(BatchConsumer):
+    """One competing consumer of ``tillsync.ingest``."""
+
+    queue_name = topology.INGEST_QUEUE
+
+    def __init__(
+        self,
+        settings: CentralSettings,
+        pool: asyncpg.Pool,
+        *,
+        index: int = 0,
+        stats: IngestStats | None = None,
+    ) -> None:
+        super().__init__(
+            settings.amqp_url.get_secret_value(),
+            prefetch=settings.ingest_prefetch,
+            batch_size=settings.ingest_batch_size,
+            max_wait=settings.ingest_batch_max_wait_ms / 1000,
+        )
+        self.name = f"ingest-{index}"
+        self._pool = pool
+        self.stats = IngestStats() if stats is None else stats
+        self._retry = _DatabaseRetry(self.stats, self.name)
+
+    async def handle(self, batch: Sequence[AbstractIncomingMessage], session: Session) -> bool:
+        inspections = [inspect(delivery_of(message)) for message in batch]
+        while True:
+            try:
+                result = await store(self._pool, inspections)
+                break
+            except Exception as exc:
+                if not await self._retry.failed(exc, session, len(batch)):
+                    return False
+        self._retry.succeeded()
+        exchange = await session.publish_channel.get_exchange(
+            topology.REGISTERS_EXCHANGE, ensure=False
+        )
+        await self._publish_acks(exchange, result)
+        self._count(len(batch), result)
+        return True
+
+    async def _publish_acks(self, exchange: AbstractExchange, result: BatchResult) -> None:
+        publishes = []
+        for register_id in sorted(set(result.accepted) | set(result.rejected)):
+            accepted = result.accepted.get(register_id, set())
+            rejected = result.rejected.get(register_id, [])
+            for ack in build_acks(register_id, accepted, rejected):
+                message = aio_pika.Message(
+                    encode(ack),
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=ack.msg_id,
+                    type="ack",
+                    app_id="tillsync-central",
+                )
+                key = topology.register_key(register_id, "ack")
+                # Not mandatory: an ack for a register without a queue is lost, and the
+                # register's resend is acknowledged again.
+                publishes.append(exchange.publish(message, key, timeout=PUBLISH_TIMEOUT_S))
+        # Any failure raises: the session ends and the batch is redelivered and re-acked.
+        await asyncio.gather(*publishes)
+        self.stats.acks_published += len(publishes)
+
+    def _count(self, size: int, result: BatchResult) -> None:
+        stats = self.stats
+        stats.batches += 1
+        stats.deliveries += size
+        stats.stored += result.stored
+        stats.duplicates += result.duplicates
+        stats.conflicts += result.conflicts
+        stats.refused += result.refused
+        log.info(
+            "batch committed",
+            consumer=self.name,
+            size=size,
+            stored=result.stored,
+            duplicates=result.duplicates,
+            conflicts=result.conflicts,
+            refused=result.refused,
+        )
+
+
+class DeadLetterWorker(BatchConsumer):
+    """Keeps what the broker dead-lettered (``tillsync.dead``) as dead letters."""
+
+    queue_name = topology.DEAD_LETTER_QUEUE
+
+    def __init__(
+        self, settings: CentralSettings, pool: asyncpg.Pool, *, stats: IngestStats | None = None
+    ) -> None:
+        super().__init__(
+            settings.amqp_url.get_secret_value(), prefetch=200, batch_size=100, max_wait=0.05
+        )
+        self.name = "dead-letters"
+        self._pool = pool
+        self.stats = IngestStats() if stats is None else stats
+        self._retry = _DatabaseRetry(self.stats, self.name)
+
+    async def handle(self, batch: Sequence[AbstractIncomingMessage], session: Session) -> bool:
+        letters = [_broker_dead_letter(message) for message in batch]
+        while True:
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    await insert_dead_letters(conn, letters)
+                break
+            except Exception as exc:
+                if not await self._retry.failed(exc, session, len(batch)):
+                    return False
+        self._retry.succeeded()
+        self.stats.dead_lettered_by_broker += len(batch)
+        for letter in letters:
+            log.warning(
+                "dead-lettered by the broker",
+                register_id=letter.register_id,
+                seq=letter.seq,
+                doc_id=letter.message_id,
+                reason=letter.reason,
+            )
+        return True
+
+
+def _broker_dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
+    delivery = delivery_of(message)
+    deaths = delivery.headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    routing_keys = death.get("routing-keys")
+    routing_key = routing_keys[0] if isinstance(routing_keys, list) and routing_keys else None
+    inspection = inspect(delivery)
+    reason = (
+        f"the broker gave up on it in {death.get('queue', '?')} "
+        f"(reason {death.get('reason', '?')}, count {death.get('count', '?')})"
+    )
+    return DeadLetter(
+        source="dlx",
+        code="delivery_limit",
+        field="",
+        reason=reason,
+        payload=delivery.body,
+        routing_key=routing_key or delivery.routing_key,
+        user_id=delivery.user_id,
+        message_id=delivery.message_id,
+        register_id=inspection.register_id,
+        seq=inspection.seq,
+        headers=delivery.headers,
+    )

@@ -1,0 +1,105 @@
+"""Running central's workers in one process: ``tillsync-central run``.
+
+Start-up migrates the database and declares the shared topology (both idempotent, so
+several processes may start together), then runs N ingest workers and the dead-letter
+worker in one ``asyncio.TaskGroup`` until SIGTERM or SIGINT. Scaling out is starting
+another process: the workers compete on the same quorum queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Sequence
+
+import aio_pika
+import asyncpg
+import structlog
+
+from .db import connect, create_pool, migrate
+from .ingest import DeadLetterWorker, IngestStats, IngestWorker
+from .settings import CentralSettings, redact_url
+from .topology import declare_topology
+
+__all__ = ["IngestService", "declare", "run"]
+
+log = structlog.get_logger(__name__)
+
+POOL_CLOSE_TIMEOUT_S = 10.0
+
+
+class IngestService:
+    """``workers`` ingest workers and one dead-letter worker over one pool."""
+
+    def __init__(self, settings: CentralSettings, pool: asyncpg.Pool, *, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError("at least one ingest worker")
+        self.stats = IngestStats()
+        self.ingest_workers = [
+            IngestWorker(settings, pool, index=i, stats=self.stats) for i in range(workers)
+        ]
+        self.dead_letter_worker = DeadLetterWorker(settings, pool, stats=self.stats)
+
+    @property
+    def workers(self) -> Sequence[IngestWorker | DeadLetterWorker]:
+        return [*self.ingest_workers, self.dead_letter_worker]
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until ``stopping`` is set; each worker reconnects on its own."""
+        async with asyncio.TaskGroup() as group:
+            for worker in self.workers:
+                group.create_task(worker.run(stopping), name=worker.name)
+
+    async def wait_consuming(self, timeout: float) -> None:
+        """Until every worker consumes (raises ``TimeoutError`` after ``timeout``)."""
+        async with asyncio.timeout(timeout):
+            for worker in self.workers:
+                await worker.connected.wait()
+
+
+async def declare(settings: CentralSettings) -> None:
+    """Declare the shared topology over one short-lived connection."""
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=15)
+    async with connection:
+        channel = await connection.channel()
+        await declare_topology(channel)
+
+
+async def run(
+    settings: CentralSettings, *, workers: int = 1, stopping: asyncio.Event | None = None
+) -> IngestStats:
+    """Migrate, declare, and ingest until SIGTERM/SIGINT (or ``stopping``); returns the
+    counters after a clean stop."""
+    stopping = asyncio.Event() if stopping is None else stopping
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stopping.set)
+    try:
+        conn = await connect(settings)
+        try:
+            applied = await migrate(conn, lock_timeout=settings.migration_lock_timeout)
+        finally:
+            await conn.close()
+        await declare(settings)
+        log.info(
+            "central starting",
+            workers=workers,
+            migrations_applied=applied,
+            amqp=redact_url(settings.amqp_url),
+            database=redact_url(settings.database_url),
+        )
+        pool = await create_pool(settings)
+        try:
+            service = IngestService(settings, pool, workers=workers)
+            await service.run(stopping)
+        finally:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+        log.info("central stopped", **vars(service.stats))
+        return service.stats
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,377 @@
+"""Applying one ingest batch to PostgreSQL, in one transaction.
+
+Within the transaction: look up the registers the batch mentions and finish the checks
+(:mod:`tillsync_central.intake`); insert the valid documents with ``ON CONFLICT DO
+NOTHING`` (array parameters and ``unnest``: one statement per table, whatever the batch
+size); classify what was not inserted by comparing content hashes (same bytes: a
+duplicate, acknowledged again; different bytes: a conflict, recorded and rejected, the
+stored document untouched); fill the typed tables (receipts, shifts) for what was new;
+keep refused deliveries as dead letters; advance ``register_state``.
+
+The result says, per register, which seqs to acknowledge and which to reject; nothing is
+acknowledged before the transaction commits (the worker publishes after :func:`store`).
+
+``ON CONFLICT`` names no constraint on purpose: a document whose ``doc_id`` already
+belongs to another key must not abort the batch either; it is found afterwards and
+recorded as a ``doc_id`` conflict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from tillsync_protocol import (
+    ConflictError,
+    Document,
+    Rejection,
+    TillsyncError,
+    to_json,
+)
+
+from . import typed_rows
+from .dead_letters import Conn, DeadLetter, insert_dead_letters
+from .intake import Inspection, RegisterRow, attribute, check_register, register_of_user
+
+__all__ = ["BatchResult", "is_transient", "store"]
+
+log = structlog.get_logger(__name__)
+
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+
+_REGISTERS = """
+SELECT register_id, center_id, revoked_at FROM registers WHERE register_id = ANY($1::text[])
+"""
+_INSERT_DOCUMENTS = """
+INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at, payload,
+                       payload_json, content_hash)
+SELECT u.register_id, u.seq, u.doc_id, u.center_id, u.doc_type, u.created_at, u.payload,
+       u.payload_json::jsonb, u.content_hash
+FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
+            $6::timestamptz[], $7::bytea[], $8::text[], $9::bytea[])
+     AS u(register_id, seq, doc_id, center_id, doc_type, created_at, payload, payload_json,
+          content_hash)
+ON CONFLICT DO NOTHING
+RETURNING register_id, seq
+"""
+_EXISTING_BY_KEY = """
+SELECT d.register_id, d.seq, d.content_hash
+FROM documents d JOIN unnest($1::text[], $2::bigint[]) AS k(register_id, seq)
+     USING (register_id, seq)
+"""
+_EXISTING_BY_DOC_ID = """
+SELECT doc_id::text AS doc_id, content_hash FROM documents WHERE doc_id = ANY($1::uuid[])
+"""
+_INSERT_CONFLICTS = """
+INSERT INTO conflicts (kind, register_id, seq, doc_id, existing_hash, incoming_hash,
+                       incoming_payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::uuid[], $5::bytea[],
+                     $6::bytea[], $7::bytea[])
+ON CONFLICT (register_id, seq, incoming_hash) DO NOTHING
+"""
+_UPSERT_REGISTER_STATE = """
+INSERT INTO register_state AS s (register_id, last_seq, last_received_at)
+SELECT u.register_id, u.max_seq, now()
+FROM unnest($1::text[], $2::bigint[]) AS u(register_id, max_seq)
+ON CONFLICT (register_id) DO UPDATE
+SET last_seq = GREATEST(s.last_seq, EXCLUDED.last_seq), last_received_at = now()
+"""
+# contiguous_seq moves to the end of the run of stored seqs that starts right after it.
+# Two batches of one register committing concurrently may leave it short; the next
+# batch of that register moves it on.
+_ADVANCE_CONTIGUOUS = """
+UPDATE register_state s SET contiguous_seq = (
+    SELECT min(d.seq) FROM documents d
+    WHERE d.register_id = s.register_id AND d.seq > s.contiguous_seq
+      AND NOT EXISTS (SELECT 1 FROM documents n
+                      WHERE n.register_id = d.register_id AND n.seq = d.seq + 1))
+WHERE s.register_id = ANY($1::text[])
+  AND EXISTS (SELECT 1 FROM documents d
+              WHERE d.register_id = s.register_id AND d.seq = s.contiguous_seq + 1)
+"""
+
+
+@dataclass
+class BatchResult:
+    """What a batch did, and what to tell each register."""
+
+    accepted: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    rejected: dict[str, list[Rejection]] = field(default_factory=lambda: defaultdict(list))
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    refused: int = 0
+
+    def merge(self, other: BatchResult) -> None:
+        for register_id, seqs in other.accepted.items():
+            self.accepted[register_id] |= seqs
+        for register_id, rejections in other.rejected.items():
+            self.rejected[register_id].extend(rejections)
+        self.stored += other.stored
+        self.duplicates += other.duplicates
+        self.conflicts += other.conflicts
+        self.refused += other.refused
+
+
+@dataclass(frozen=True)
+class _Valid:
+    inspection: Inspection
+    document: Document
+    content_hash: bytes
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.document.register_id, self.document.seq
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that retrying the same batch later can cure (connection lost,
+    server shutting down, deadlock, serialization), False for what it cannot (bad data)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    return isinstance(exc, (OSError, asyncpg.InterfaceError, TimeoutError))
+
+
+async def store(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
+    """Apply a batch in one transaction.
+
+    Raises what :func:`is_transient` calls transient (the caller retries the whole batch;
+    the transaction was rolled back, or committed, which a retry finds as duplicates). If
+    the batch fails for another reason, each delivery is applied alone, and one that still
+    fails becomes a dead letter with code ``store_failed``: bad input never blocks the rest.
+    """
+    try:
+        return await _apply(pool, inspections)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        if len(inspections) == 1:
+            return await _store_failed(pool, inspections[0], exc)
+        log.warning("batch failed, applying its deliveries one by one", error=repr(exc))
+    result = BatchResult()
+    for inspection in inspections:
+        result.merge(await store(pool, [inspection]))
+    return result
+
+
+async def _apply(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
+    result = BatchResult()
+    async with pool.acquire() as conn, conn.transaction():
+        registers = await _registers(conn, inspections)
+        valid: list[_Valid] = []
+        letters: list[DeadLetter] = []
+        for inspection in inspections:
+            error = check_register(inspection, registers)
+            if error is None and inspection.document is not None:
+                digest = hashlib.sha256(inspection.delivery.body).digest()
+                valid.append(_Valid(inspection, inspection.document, digest))
+            else:
+                error = error or TillsyncError("refused", code="refused")
+                letters.append(_refuse(result, inspection, error, registers))
+        await _store_documents(conn, valid, result)
+        await insert_dead_letters(conn, letters)
+    return result
+
+
+async def _registers(conn: Conn, inspections: Sequence[Inspection]) -> dict[str, RegisterRow]:
+    ids: set[str] = set()
+    for inspection in inspections:
+        if inspection.document is not None:
+            ids.add(inspection.document.register_id)
+        user_register = register_of_user(inspection.delivery.user_id)
+        if user_register is not None:
+            ids.add(user_register)
+    if not ids:
+        return {}
+    rows = await conn.fetch(_REGISTERS, sorted(ids))
+    return {row["register_id"]: RegisterRow(**dict(row)) for row in rows}
+
+
+def _refuse(
+    result: BatchResult,
+    inspection: Inspection,
+    error: TillsyncError,
+    registers: dict[str, RegisterRow],
+) -> DeadLetter:
+    delivery = inspection.delivery
+    result.refused += 1
+    target = attribute(inspection, registers)
+    if target is not None and inspection.seq is not None:
+        result.rejected[target].append(_rejection(inspection.seq, inspection.doc_id, error))
+    log.warning(
+        "document refused",
+        register_id=inspection.register_id,
+        seq=inspection.seq,
+        doc_id=inspection.doc_id,
+        code=error.code,
+        field=error.field,
+        reason=error.reason,
+        user_id=delivery.user_id,
+        routing_key=delivery.routing_key,
+        rejected_to=target,
+    )
+    return DeadLetter(
+        source="ingest",
+        code=error.code,
+        field=error.field,
+        reason=error.reason,
+        payload=delivery.body,
+        routing_key=delivery.routing_key,
+        user_id=delivery.user_id,
+        message_id=delivery.message_id,
+        register_id=inspection.register_id,
+        seq=inspection.seq,
+        headers=delivery.headers,
+    )
+
+
+def _rejection(seq: int, doc_id: str | None, error: TillsyncError) -> Rejection:
+    return Rejection(
+        seq=seq, doc_id=doc_id, code=error.code, field=error.field[:200], reason=error.reason[:1000]
+    )
+
+
+async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult) -> None:
+    new: list[_Valid] = []
+    pending = valid
+    # One round per repeat depth: a key (or doc_id) that comes twice in a batch is judged
+    # in the next round, against what the first round stored. Usually one round.
+    while pending:
+        keys: set[tuple[str, int]] = set()
+        doc_ids: set[str] = set()
+        round_items: list[_Valid] = []
+        later: list[_Valid] = []
+        for item in pending:
+            if item.key in keys or item.document.doc_id in doc_ids:
+                later.append(item)
+            else:
+                keys.add(item.key)
+                doc_ids.add(item.document.doc_id)
+                round_items.append(item)
+        new.extend(await _store_round(conn, round_items, result))
+        pending = later
+    await typed_rows.insert(conn, [item.document for item in new])
+    await _advance_state(conn, new)
+
+
+async def _store_round(conn: Conn, items: list[_Valid], result: BatchResult) -> list[_Valid]:
+    """Insert items of distinct keys and doc_ids; classify the rest; return the new."""
+    items = sorted(items, key=lambda item: item.key)  # one lock order for every worker
+    inserted = await _insert_documents(conn, items)
+    new = [item for item in items if item.key in inserted]
+    others = [item for item in items if item.key not in inserted]
+    conflicts: list[tuple[str, _Valid, bytes]] = []
+    if others:
+        rows = await conn.fetch(
+            _EXISTING_BY_KEY, [i.key[0] for i in others], [i.key[1] for i in others]
+        )
+        by_key = {(r["register_id"], r["seq"]): bytes(r["content_hash"]) for r in rows}
+        orphans = [item for item in others if item.key not in by_key]
+        by_doc_id: dict[str, bytes] = {}
+        if orphans:
+            rows = await conn.fetch(_EXISTING_BY_DOC_ID, [i.document.doc_id for i in orphans])
+            by_doc_id = {r["doc_id"]: bytes(r["content_hash"]) for r in rows}
+        for item in others:
+            existing = by_key.get(item.key)
+            if existing is None:
+                conflicts.append(("doc_id", item, by_doc_id.get(item.document.doc_id, b"")))
+            elif existing == item.content_hash:
+                result.duplicates += 1
+                result.accepted[item.document.register_id].add(item.document.seq)
+                log.info("duplicate document acknowledged again", **_ids(item))
+            else:
+                conflicts.append(("content", item, existing))
+    for item in new:
+        result.stored += 1
+        result.accepted[item.document.register_id].add(item.document.seq)
+        log.debug("document stored", **_ids(item))
+    await _record_conflicts(conn, conflicts, result)
+    return new
+
+
+def _ids(item: _Valid) -> dict[str, object]:
+    return {
+        "register_id": item.document.register_id,
+        "seq": item.document.seq,
+        "doc_id": item.document.doc_id,
+    }
+
+
+async def _insert_documents(conn: Conn, items: list[_Valid]) -> set[tuple[str, int]]:
+    docs = [item.document for item in items]
+    rows = await conn.fetch(
+        _INSERT_DOCUMENTS,
+        [d.register_id for d in docs],
+        [d.seq for d in docs],
+        [d.doc_id for d in docs],
+        [d.center_id for d in docs],
+        [d.type for d in docs],
+        [typed_rows.timestamp(d.created_at) for d in docs],
+        [item.inspection.delivery.body for item in items],
+        [json.dumps(to_json(d), ensure_ascii=False, separators=(",", ":")) for d in docs],
+        [item.content_hash for item in items],
+    )
+    return {(row["register_id"], row["seq"]) for row in rows}
+
+
+async def _record_conflicts(
+    conn: Conn, conflicts: list[tuple[str, _Valid, bytes]], result: BatchResult
+) -> None:
+    if not conflicts:
+        return
+    for kind, item, _existing in conflicts:
+        result.conflicts += 1
+        field = "doc_id" if kind == "doc_id" else "seq"
+        error = ConflictError(
+            f"{'doc_id' if kind == 'doc_id' else 'seq'} {getattr(item.document, field)} is "
+            "already stored with different content; the stored document is kept",
+            field=field,
+        )
+        result.rejected[item.document.register_id].append(
+            _rejection(item.document.seq, item.document.doc_id, error)
+        )
+        log.warning("conflict recorded", kind=kind, **_ids(item))
+    await conn.execute(
+        _INSERT_CONFLICTS,
+        [kind for kind, _, _ in conflicts],
+        [item.document.register_id for _, item, _ in conflicts],
+        [item.document.seq for _, item, _ in conflicts],
+        [item.document.doc_id for _, item, _ in conflicts],
+        [existing for _, _, existing in conflicts],
+        [item.content_hash for _, item, _ in conflicts],
+        [item.inspection.delivery.body for _, item, _ in conflicts],
+    )
+
+
+async def _advance_state(conn: Conn, new: list[_Valid]) -> None:
+    if not new:
+        return
+    last: dict[str, int] = {}
+    for item in new:
+        register_id, seq = item.key
+        last[register_id] = max(seq, last.get(register_id, 0))
+    registers = sorted(last)
+    await conn.execute(_UPSERT_REGISTER_STATE, registers, [last[r] for r in registers])
+    await conn.execute(_ADVANCE_CONTIGUOUS, registers)
+
+
+async def _store_failed(
+    pool: asyncpg.Pool, inspection: Inspection, exc: BaseException
+) -> BatchResult:
+    sqlstate = getattr(exc, "sqlstate", None)
+    error = TillsyncError(
+        f"PostgreSQL refused the document ({sqlstate}): {exc}"[:1000],
+        code="store_failed",
+    )
+    result = BatchResult()
+    async with pool.acquire() as conn, conn.transaction():
+        registers = await _registers(conn, [inspection])
+        await insert_dead_letters(conn, [_refuse(result, inspection, error, registers)])
+    return result
