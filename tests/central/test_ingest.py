@@ -479,3 +479,24 @@ async def test_ack_ranges_compress_consecutive_seqs(size: int) -> None:
     [ack] = build_acks("r-1", seqs, [])
     assert ack.body.register_id == "r-1"
     assert uuid.UUID(ack.msg_id)
+
+
+async def test_a_document_postgresql_refuses_is_dead_lettered_without_blocking_its_batch(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    # shift_no 2**31 is valid in the protocol but overflows the integer column: the batch
+    # fails, is applied one document at a time, and only that one is refused.
+    async with Till(await enroll()) as till:
+        huge = receipt_body(2)
+        huge["shift_no"] = 2**31
+        raws = [till.document(1), till.document(2, body=huge), till.document(3)]
+        payloads = await till.publish_documents(raws)
+        await till.wait_for({1, 2, 3})
+        assert till.acks.accepted == {1, 3}
+        assert till.acks.rejected[2].code == "store_failed"
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT array_agg(seq ORDER BY seq) FROM documents") == [1, 3]
+        letter = await conn.fetchrow("SELECT * FROM dead_letters")
+    assert letter["code"] == "store_failed"
+    assert bytes(letter["payload"]) == payloads[1]
+    assert letter["reason"].startswith("PostgreSQL refused the document")

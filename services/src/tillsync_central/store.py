@@ -136,6 +136,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.PostgresError):
         sqlstate = getattr(exc, "sqlstate", None) or ""
         return sqlstate[:2] in _TRANSIENT_SQLSTATE_CLASSES
+    if isinstance(exc, ValueError):  # asyncpg's client-side encoding errors: bad data
+        return False
     return isinstance(exc, (OSError, asyncpg.InterfaceError, TimeoutError))
 
 
