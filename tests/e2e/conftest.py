@@ -1,0 +1,209 @@
+"""End-to-end fixtures: a real central (``tillsync-central run`` as a subprocess) on a
+fresh vhost and database, registers provisioned through the real management API, and
+register agents in-process or as real ``tillsync-agent run`` subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import httpx
+import pytest
+
+from services import RabbitApi, Services
+from tillsync_agent import Agent, AgentSettings, load_settings
+from tillsync_central.management import Management, vhost_of
+from tillsync_central.provisioning import Enrollment, add_register
+from tillsync_protocol import topology
+
+BIN = Path(sys.executable).parent
+
+
+async def queue_consumers(api: RabbitApi, amqp_url: str, queue: str) -> int:
+    """Consumers of ``queue`` in ``amqp_url``'s vhost, from the management API (0 if absent)."""
+    path = f"/api/queues/{quote(vhost_of(amqp_url), safe='')}/{quote(queue, safe='')}"
+    async with httpx.AsyncClient(base_url=api.base_url, auth=api.auth, timeout=10) as client:
+        response = await client.get(path)
+    if response.status_code != 200:
+        return 0
+    return int(response.json().get("consumers", 0))
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[bool]], *, timeout: float, what: str, interval: float = 0.1
+) -> None:
+    """Wait until ``predicate()`` is true, or fail the test naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Central:
+    """A running central: the real CLI in a subprocess, and direct access to its database."""
+
+    amqp_url: str
+    database_url: str
+    api_url: str
+    api: RabbitApi
+    log_path: Path
+    pool: asyncpg.Pool
+    management: Management
+    process: subprocess.Popen[bytes] | None = None
+    enrollments: dict[str, Enrollment] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "TILLSYNC_AMQP_URL": self.amqp_url,
+            "TILLSYNC_DATABASE_URL": self.database_url,
+            "TILLSYNC_RABBITMQ_API_URL": self.api_url,
+            "TILLSYNC_LOG_FORMAT": "json",
+        }
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "tillsync-central"), "run"], env=self.env(), stdout=log, stderr=log
+            )
+        await wait_for(self._consuming, timeout=60, what="central's ingest workers to consume")
+
+    async def _consuming(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(
+                f"tillsync-central run exited {self.process.returncode}: {self.log()}"
+            )
+        return await queue_consumers(self.api, self.amqp_url, topology.INGEST_QUEUE) > 0
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    async def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        for _ in range(300):
+            if self.process.poll() is not None:
+                return self.process.returncode
+            await asyncio.sleep(0.1)
+        self.process.kill()
+        raise AssertionError("tillsync-central did not stop within 30 s of SIGTERM")
+
+    async def provision(self, center_id: str, register_id: str) -> Enrollment:
+        enrollment = await add_register(
+            self.pool, self.management, self.amqp_url, center_id, register_id
+        )
+        self.enrollments[register_id] = enrollment
+        return enrollment
+
+    async def stored(self, register_id: str | None = None) -> int:
+        if register_id is None:
+            return int(await self.pool.fetchval("SELECT count(*) FROM documents"))
+        return int(
+            await self.pool.fetchval(
+                "SELECT count(*) FROM documents WHERE register_id = $1", register_id
+            )
+        )
+
+    async def seqs(self, register_id: str) -> list[int]:
+        rows = await self.pool.fetch(
+            "SELECT seq FROM documents WHERE register_id = $1 ORDER BY seq", register_id
+        )
+        return [row["seq"] for row in rows]
+
+
+@pytest.fixture
+async def central(
+    services: Services,
+    rabbitmq_api: RabbitApi,
+    fresh_vhost: str,
+    make_database: Any,
+    tmp_path: Path,
+) -> AsyncIterator[Central]:
+    database_url = await make_database()  # empty: `tillsync-central run` migrates it
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    management = Management(services.rabbitmq_api_url, vhost_of(fresh_vhost))
+    instance = Central(
+        amqp_url=fresh_vhost,
+        database_url=database_url,
+        api_url=services.rabbitmq_api_url,
+        api=rabbitmq_api,
+        log_path=tmp_path / "central.log",
+        pool=pool,
+        management=management,
+    )
+    try:
+        await instance.start()
+        yield instance
+    finally:
+        await instance.stop()
+        await management.aclose()
+        await pool.close()
+        await make_database.drop(database_url)
+
+
+def agent_settings(
+    enrollment: Enrollment, data_dir: Path, *, amqp_url: str | None = None, **overrides: Any
+) -> AgentSettings:
+    """Settings for a register agent, fast timings for tests."""
+    values: dict[str, Any] = {
+        "register_id": enrollment.register_id,
+        "center_id": enrollment.center_id,
+        "amqp_url": amqp_url or enrollment.amqp_url,
+        "data_dir": data_dir,
+        "ack_timeout_s": 5.0,
+        "publish_timeout_s": 5.0,
+        "retry_base_s": 0.2,
+        "retry_cap_s": 2.0,
+        "reconnect_base_s": 0.2,
+        "reconnect_cap_s": 2.0,
+    }
+    values.update(overrides)
+    return load_settings(None, **values)
+
+
+@contextlib.asynccontextmanager
+async def running_agent(settings: AgentSettings) -> AsyncIterator[Agent]:
+    """An in-process agent running until the block ends (then stopped like SIGTERM)."""
+    async with Agent(settings) as agent:
+        task = asyncio.create_task(agent.run())
+        try:
+            yield agent
+        finally:
+            agent.stop()
+            await asyncio.wait_for(task, timeout=30)
+
+
+def write_agent_config(settings: AgentSettings, path: Path) -> Path:
+    lines = []
+    for name, value in settings.model_dump().items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, str | Path):
+            lines.append(f'{name} = "{value}"')
+        else:
+            lines.append(f"{name} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o600)
+    return path

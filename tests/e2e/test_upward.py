@@ -1,0 +1,166 @@
+"""Documents up, end to end: agent → RabbitMQ → ingest → PostgreSQL → ack, under real faults.
+
+Every test ends by counting both ends: the rows central stored equal the documents the
+register committed, with no duplicates, and the register's pending count is 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+
+from agent.documents import receipt
+from e2e.conftest import Central, agent_settings, running_agent, wait_for
+from faults import FaultProxy
+from tillsync_agent import Agent
+
+
+async def submit_receipts(agent: Agent, n: int) -> None:
+    for i in range(n):
+        await agent.submit("receipt", receipt(100 + i, receipt_no=f"R-{i}"))
+
+
+async def assert_converged(central: Central, agent: Agent, *, timeout: float = 60) -> None:
+    """Both ends agree: central stored seqs 1..last_seq exactly once; nothing pending."""
+
+    async def drained() -> bool:
+        return agent.outbox.counts.pending == 0
+
+    await wait_for(drained, timeout=timeout, what=f"{agent.settings.register_id} to drain")
+    last_seq = agent.outbox.counts.last_seq
+    register = agent.settings.register_id
+    assert await central.seqs(register) == list(range(1, last_seq + 1))
+    assert agent.outbox.counts.acknowledged == last_seq
+    assert agent.outbox.counts.rejected == 0
+
+
+async def test_two_registers_happy_path(central: Central, tmp_path) -> None:
+    a = await central.provision("c-1", "r-1")
+    b = await central.provision("c-2", "r-2")
+    async with (
+        running_agent(agent_settings(a, tmp_path / "a")) as agent_a,
+        running_agent(agent_settings(b, tmp_path / "b")) as agent_b,
+    ):
+        await asyncio.gather(submit_receipts(agent_a, 300), submit_receipts(agent_b, 200))
+        await assert_converged(central, agent_a)
+        await assert_converged(central, agent_b)
+    assert await central.stored() == 500
+    total = await central.pool.fetchval("SELECT sum(total) FROM receipts WHERE register_id = 'r-1'")
+    assert total == sum(100 + i for i in range(300))
+
+
+async def test_offline_for_thousands_then_reconnect_drains_to_zero(
+    central: Central, tmp_path
+) -> None:
+    enrollment = await central.provision("c-1", "r-off")
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        proxy.refuse(True)  # the shop's network is down
+        settings = agent_settings(enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url))
+        async with running_agent(settings) as agent:
+            await submit_receipts(agent, 3000)
+            assert agent.outbox.counts.pending == 3000
+            assert not agent.link.state.connected
+            assert await central.stored("r-off") == 0
+            proxy.refuse(False)
+            await assert_converged(central, agent, timeout=120)
+
+
+async def test_link_cut_and_slowed_mid_stream(central: Central, tmp_path) -> None:
+    enrollment = await central.provision("c-1", "r-cut")
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = agent_settings(enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url))
+        async with running_agent(settings) as agent:
+            await submit_receipts(agent, 200)
+            proxy.latency(50, jitter_ms=20)
+            await submit_receipts(agent, 200)
+            proxy.reset_all()  # connections die mid-stream
+            await submit_receipts(agent, 200)
+            proxy.cut()
+            await submit_receipts(agent, 200)  # selling goes on while the link is down
+            assert agent.outbox.counts.pending > 0
+            proxy.heal()
+            proxy.slicer(max_chunk=7, delay_ms=1)
+            await submit_receipts(agent, 200)
+            proxy.clear()
+            await assert_converged(central, agent, timeout=120)
+            assert agent.link.state.reconnects >= 1
+
+
+async def test_silent_network_times_out_and_recovers(central: Central, tmp_path) -> None:
+    enrollment = await central.provision("c-1", "r-hole")
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = agent_settings(
+            enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url), publish_timeout_s=1.0
+        )
+        async with running_agent(settings) as agent:
+            await submit_receipts(agent, 50)
+            await assert_converged(central, agent)
+            proxy.blackhole()  # nothing answers, nothing fails: only timeouts can tell
+            await submit_receipts(agent, 50)
+
+            async def noticed() -> bool:
+                return agent.link.state.last_error is not None or agent._sender.stats.failed > 0
+
+            await wait_for(noticed, timeout=30, what="the agent to notice the silent link")
+            proxy.heal()
+            proxy.reset_all()
+            await assert_converged(central, agent, timeout=120)
+
+
+@pytest.mark.slow
+async def test_broker_stopped_and_started_mid_stream(central: Central, services, tmp_path) -> None:
+    if services.rabbitmqctl is None:
+        pytest.fail("this test needs rabbitmqctl for the local broker (deploy/dev/services)")
+    enrollment = await central.provision("c-1", "r-stop")
+    async with running_agent(agent_settings(enrollment, tmp_path)) as agent:
+        feeder = asyncio.create_task(submit_receipts(agent, 600))
+        await wait_for(_stored_some(central, "r-stop"), timeout=30, what="first documents stored")
+        subprocess.run(
+            [services.rabbitmqctl, "stop_app"], check=True, capture_output=True, timeout=60
+        )
+        try:
+            await asyncio.sleep(2)  # the outage: the agent keeps selling
+            assert agent.outbox.counts.pending > 0
+        finally:
+            subprocess.run(
+                [services.rabbitmqctl, "start_app"], check=True, capture_output=True, timeout=120
+            )
+            subprocess.run(
+                [services.rabbitmqctl, "await_startup"],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        await feeder
+        await assert_converged(central, agent, timeout=180)
+    assert central.process is not None and central.process.poll() is None, central.log()
+
+
+def _stored_some(central: Central, register_id: str):
+    async def check() -> bool:
+        return await central.stored(register_id) > 0
+
+    return check
+
+
+async def test_resend_of_unacknowledged_after_ack_loss(central: Central, tmp_path) -> None:
+    """Central dies after storing but before its acks land: the agent resends after
+    ack_timeout, central deduplicates and acks again — stored once."""
+    enrollment = await central.provision("c-1", "r-ack")
+    settings = agent_settings(enrollment, tmp_path, ack_timeout_s=1.0)
+    async with running_agent(settings) as agent:
+        central.kill()
+        await submit_receipts(agent, 300)  # published (confirmed by the broker), not acked
+        await wait_for(_published_all(agent), timeout=30, what="documents confirmed by the broker")
+        assert agent.outbox.counts.pending == 300
+        await central.start()
+        await assert_converged(central, agent, timeout=120)
+
+
+def _published_all(agent: Agent):
+    async def check() -> bool:
+        return agent._sender.stats.published >= agent.outbox.counts.last_seq
+
+    return check
