@@ -78,8 +78,12 @@ class Central:
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(BIN / "tillsync-central"), "run"], env=self.env(), stdout=log, stderr=log
+            self.process = await asyncio.to_thread(
+                subprocess.Popen,
+                [str(BIN / "tillsync-central"), "run"],
+                env=self.env(),
+                stdout=log,
+                stderr=log,
             )
         await wait_for(self._consuming, timeout=60, what="central's ingest workers to consume")
 

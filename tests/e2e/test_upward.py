@@ -117,25 +117,27 @@ async def test_broker_stopped_and_started_mid_stream(central: Central, services,
     async with running_agent(agent_settings(enrollment, tmp_path)) as agent:
         feeder = asyncio.create_task(submit_receipts(agent, 600))
         await wait_for(_stored_some(central, "r-stop"), timeout=30, what="first documents stored")
-        subprocess.run(
-            [services.rabbitmqctl, "stop_app"], check=True, capture_output=True, timeout=60
-        )
+        await rabbitmqctl(services, "stop_app")
         try:
             await asyncio.sleep(2)  # the outage: the agent keeps selling
             assert agent.outbox.counts.pending > 0
         finally:
-            subprocess.run(
-                [services.rabbitmqctl, "start_app"], check=True, capture_output=True, timeout=120
-            )
-            subprocess.run(
-                [services.rabbitmqctl, "await_startup"],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
+            await rabbitmqctl(services, "start_app")
+            await rabbitmqctl(services, "await_startup")
         await feeder
         await assert_converged(central, agent, timeout=180)
-    assert central.process is not None and central.process.poll() is None, central.log()
+    assert central.process is not None
+    assert central.process.poll() is None, central.log()
+
+
+async def rabbitmqctl(services, command: str) -> None:
+    await asyncio.to_thread(
+        subprocess.run,
+        [services.rabbitmqctl, command],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def _stored_some(central: Central, register_id: str):
