@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from tillsync_agent import Agent, load_settings
+from tillsync_agent.logs import configure_logging
 from tillsync_agent.simulator import Till
 from tillsync_central.management import Management, vhost_of
 from tillsync_central.provisioning import Enrollment, add_register
@@ -88,6 +89,7 @@ def table(agents: list[Agent], stored: dict[str, int], started: float) -> Table:
 
 
 async def main(args: argparse.Namespace) -> None:
+    configure_logging("console", "warning")  # the live table is the output
     settings = load_central_settings(None)
     data = Path(args.data_dir)
     data.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
