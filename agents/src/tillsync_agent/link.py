@@ -15,9 +15,8 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from tillsync_protocol import topology
+from tillsync_protocol import Backoff, topology
 
-from .backoff import Backoff
 from .outbox import now_ms
 from .sender import Sender
 from .settings import AgentSettings

@@ -17,9 +17,8 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractExchange
 
-from tillsync_protocol import CONTENT_TYPE, topology
+from tillsync_protocol import CONTENT_TYPE, Backoff, topology
 
-from .backoff import Backoff
 from .outbox import Outbox, OutboxRow, now_ms
 from .settings import AgentSettings
 

@@ -5,6 +5,7 @@ side. ``docs/protocol.md`` documents exactly what is exported here.
 """
 
 from . import topology
+from .backoff import Backoff
 from .catalog import CUSTOMER_ENTITIES, ENTITIES, GLOBAL_SCOPE
 from .codec import (
     CONTENT_TYPE,
@@ -103,6 +104,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "AckBody",
+    "Backoff",
     "CashMovement",
     "CashMovementBody",
     "CatalogChange",

@@ -25,7 +25,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from .backoff import Backoff
+from tillsync_protocol import Backoff
 
 __all__ = ["BatchConsumer", "Session", "wait_any"]
 

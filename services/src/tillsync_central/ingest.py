@@ -28,10 +28,9 @@ import asyncpg
 import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
-from tillsync_protocol import CONTENT_TYPE, encode, topology
+from tillsync_protocol import CONTENT_TYPE, Backoff, encode, topology
 
 from .acks import build_acks
-from .backoff import Backoff
 from .consumer import BatchConsumer, Session, wait_any
 from .dead_letters import DeadLetter, insert_dead_letters, json_safe
 from .intake import Delivery, inspect

@@ -1,4 +1,8 @@
-"""Exponential backoff with full jitter and a cap: the one retry policy of the agent."""
+"""The retry schedule of the protocol: exponential backoff with jitter and a cap.
+
+Registers use it for resends and reconnects, central for its reconnects and database
+retries; ``docs/protocol.md`` ("Retries") describes it for implementers in other languages.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ __all__ = ["Backoff"]
 
 @dataclass
 class Backoff:
-    """``delay(n)`` grows as ``base * 2**n`` up to ``cap``, with "equal jitter" so two
-    registers that failed together do not retry together, and never returns 0 (no busy loop)."""
+    """``delay(n)`` grows as ``base * 2**n`` up to ``cap``, half of it random ("equal
+    jitter"), so peers that failed together do not retry together; never 0 (no busy loop)."""
 
     base: float
     cap: float
