@@ -10,7 +10,14 @@ import pytest
 
 from tillsync_agent.outbox import Outbox, now_ms
 from tillsync_agent.store import Store, StoreLockedError
-from tillsync_protocol import AckBody, FloatNotAllowedError, Rejection, SeqRange, decode_document
+from tillsync_protocol import (
+    AckBody,
+    FloatNotAllowedError,
+    Rejection,
+    SeqRange,
+    TooLargeError,
+    decode_document,
+)
 
 from .documents import receipt, shift_close
 
@@ -128,3 +135,17 @@ async def test_published_rows_wait_and_a_shift_close_makes_its_shift_due(tmp_pat
         assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, close.seq]
         await outbox.make_due()
         assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, 4, close.seq]
+
+
+async def test_a_document_over_the_size_limit_is_refused_before_it_gets_a_seq(
+    tmp_path: Path,
+) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        body = receipt()
+        body["lines"] = [dict(body["lines"][0], line_no=n, name="x" * 1000) for n in range(1, 1200)]
+        with pytest.raises(TooLargeError) as info:
+            await outbox.submit("receipt", body)
+        assert info.value.code == "too_large"
+        assert (await outbox.submit("receipt", receipt())).seq == 1
+        assert outbox.counts.pending == 1

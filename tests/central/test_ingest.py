@@ -484,12 +484,12 @@ async def test_ack_ranges_compress_consecutive_seqs(size: int) -> None:
 async def test_a_document_postgresql_refuses_is_dead_lettered_without_blocking_its_batch(
     enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
 ) -> None:
-    # shift_no 2**31 is valid in the protocol but overflows the integer column: the batch
-    # fails, is applied one document at a time, and only that one is refused.
+    # A NUL character is a valid protocol string but PostgreSQL text cannot hold it: the
+    # batch fails, is applied one document at a time, and only that one is refused.
     async with Till(await enroll()) as till:
-        huge = receipt_body(2)
-        huge["shift_no"] = 2**31
-        raws = [till.document(1), till.document(2, body=huge), till.document(3)]
+        nul = receipt_body(2)
+        nul["receipt_no"] = "R\x00-2"
+        raws = [till.document(1), till.document(2, body=nul), till.document(3)]
         payloads = await till.publish_documents(raws)
         await till.wait_for({1, 2, 3})
         assert till.acks.accepted == {1, 3}
@@ -500,3 +500,16 @@ async def test_a_document_postgresql_refuses_is_dead_lettered_without_blocking_i
     assert letter["code"] == "store_failed"
     assert bytes(letter["payload"]) == payloads[1]
     assert letter["reason"].startswith("PostgreSQL refused the document")
+
+
+async def test_the_largest_shift_number_the_protocol_allows_is_stored(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    async with Till(await enroll()) as till:
+        body = receipt_body(1)
+        body["shift_no"] = 2**31
+        await till.publish_documents([till.document(1, body=body)])
+        await till.wait_for({1})
+        assert till.acks.accepted == {1}
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT shift_no FROM receipts") == 2**31

@@ -89,7 +89,11 @@ def submit(
     """Store documents in the outbox (through the running service if there is one)."""
     settings = _settings(config)
     lines = list(_read_documents(source))
-    replies = asyncio.run(_submit_all(settings, lines))
+    try:
+        replies = asyncio.run(_submit_all(settings, lines))
+    except TillsyncError as exc:
+        _fail(exc.to_dict())
+        return
     stored = [r for r in replies if r.get("ok")]
     failed = [(n, r) for (n, _), r in zip(lines, replies, strict=True) if not r.get("ok")]
     for number, reply in failed:

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from tillsync_protocol import (
+    MAX_MESSAGE_SIZE,
     PROTOCOL_VERSION,
     AckBody,
     Document,
     TillsyncError,
+    TooLargeError,
+    UnknownTypeError,
     encode,
     validate,
 )
@@ -174,6 +177,13 @@ class Outbox:
         for request in batch:
             try:
                 document = self._build(request.doc_type, request.body, seq + 1, now)
+                payload = encode(document)
+                if len(payload) > MAX_MESSAGE_SIZE:
+                    # Central would refuse it as too_large: refuse it now, before it has a seq.
+                    raise TooLargeError(
+                        f"the encoded document is {len(payload)} bytes, the limit is "
+                        f"{MAX_MESSAGE_SIZE}",
+                    )
             except TillsyncError as exc:
                 request.future.set_exception(exc)
                 continue
@@ -181,7 +191,7 @@ class Outbox:
             shift_no = getattr(getattr(document, "body", None), "shift_no", None)
             if document.type == "shift_close" and shift_no is not None:
                 shifts_closed.append(shift_no)
-            rows.append((seq, document.doc_id, document.type, now, shift_no, encode(document), now))
+            rows.append((seq, document.doc_id, document.type, now, shift_no, payload, now))
             accepted.append((request, Submitted(seq, document.doc_id, document.type)))
         if not rows:
             return
@@ -219,8 +229,6 @@ class Outbox:
             }
         )
         if not isinstance(message, Document):
-            from tillsync_protocol import UnknownTypeError
-
             raise UnknownTypeError(f"{doc_type!r} is not a document type", field="type")
         return message
 

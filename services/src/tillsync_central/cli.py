@@ -278,7 +278,7 @@ def registers_list(
     with _reported_errors():
         settings = _settings(config)
         infos = asyncio.run(_list_registers(settings, center))
-        table = Table("center", "register", "broker user", "acked up to", "last seq", "state")
+        table = Table("center", "register", "broker user", "contiguous seq", "last seq", "state")
         for info in infos:
             state = "revoked" if info.revoked_at is not None else "active"
             table.add_row(

@@ -1,7 +1,7 @@
 """Dead letters: input that could not be applied, kept with its raw bytes.
 
 Ingest writes one for every refused delivery (``source='ingest'``), in the transaction of
-its batch; the dead-letter consumer (:mod:`tillsync_central.dead_letter_consumer`) writes
+its batch; the dead-letter consumer (:class:`tillsync_central.ingest.DeadLetterWorker`) writes
 one for every message the broker gave up on after the delivery limit
 (``source='dlx'``, code ``delivery_limit``). A redelivered message records nothing new:
 a row with the same source, code, bytes, routing key and user that is still ``new`` is

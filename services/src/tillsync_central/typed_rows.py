@@ -26,13 +26,13 @@ _INSERT_RECEIPTS = """
 INSERT INTO receipts (register_id, seq, doc_id, center_id, kind, receipt_no, shift_no,
                       currency, total, line_count, customer_id, created_at)
 SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
-                     $6::text[], $7::integer[], $8::text[], $9::bigint[], $10::integer[],
+                     $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::integer[],
                      $11::text[], $12::timestamptz[])
 """
 _OPEN_SHIFTS = """
 INSERT INTO shifts AS s (register_id, shift_no, center_id, currency, opened_seq, opened_at,
                          opening_float)
-SELECT * FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[], $5::bigint[],
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[],
                      $6::timestamptz[], $7::bigint[])
 ON CONFLICT (register_id, shift_no) DO UPDATE
 SET opened_seq = EXCLUDED.opened_seq, opened_at = EXCLUDED.opened_at,
@@ -48,8 +48,8 @@ SELECT u.register_id, u.shift_no, u.center_id, u.currency, u.closed_seq, u.close
        u.z_number, u.first_seq, u.last_seq, u.receipt_count, u.refund_count, u.void_count,
        u.gross_sales, u.refunds_total, u.net_total, u.cash_expected, u.cash_counted,
        u.payments::jsonb, u.taxes::jsonb
-FROM unnest($1::text[], $2::integer[], $3::text[], $4::text[], $5::bigint[],
-            $6::timestamptz[], $7::integer[], $8::bigint[], $9::bigint[], $10::bigint[],
+FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::bigint[],
+            $6::timestamptz[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[],
             $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[], $15::bigint[],
             $16::bigint[], $17::bigint[], $18::text[], $19::text[])
      AS u(register_id, shift_no, center_id, currency, closed_seq, closed_at, z_number,
