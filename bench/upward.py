@@ -1,0 +1,984 @@
+"""Benchmark of the upward flow (issue #4): registers → broker → central → PostgreSQL.
+
+    uv run python bench/upward.py [--docs 20000] [--registers 4] [--workers 2] [--json-only]
+
+One run, on its own fresh vhost and database (created at start, dropped at the end, even
+on Ctrl-C), measures:
+
+1. tillsync end to end: the real ``tillsync-central run --workers W`` subprocess, R
+   registers provisioned through the management API, R in-process agents; N simulated
+   documents submitted as fast as the agents take them; wall time from the first submit
+   until every agent has nothing pending, and submit→ack latency of every document from
+   the outboxes (``acked_at - created_at``);
+2. the same at half the throughput just measured (paced), latency of those documents only;
+3. a raw baseline: plain aio-pika publishes with confirms (1,000 in flight) of the very
+   same payload bytes to a quorum queue, and a plain consumer that inserts batches of up
+   to 500 with asyncpg, one transaction each, then acks.
+
+It prints one JSON object on stdout; progress goes to stderr. Nothing is asserted: it
+reports (see docs/performance.md for the figures and their caveats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import platform
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import aio_pika
+import asyncpg
+import httpx
+
+from tillsync_agent import Agent, load_settings
+from tillsync_agent.logs import configure_logging
+from tillsync_agent.simulator import Till
+from tillsync_agent.store import open_readonly
+from tillsync_central.management import Management
+from tillsync_central.provisioning import Enrollment, add_register
+from tillsync_protocol import topology
+
+BIN = Path(sys.executable).parent
+DEFAULTS = {
+    "TILLSYNC_AMQP_URL": "amqp://tillsync:tillsync@127.0.0.1:5672/",
+    "TILLSYNC_DATABASE_URL": "postgresql://tillsync:tillsync@127.0.0.1:5432/tillsync",
+    "TILLSYNC_RABBITMQ_API_URL": "http://tillsync:tillsync@127.0.0.1:15672/",
+}
+CENTER_ID = "bench"
+DRAIN_TIMEOUT_S = 60.0
+POLL_S = 0.005
+HTTP_TIMEOUT_S = 30.0
+
+
+class _Progress:
+    """Progress lines on stderr (off with ``--json-only``)."""
+
+    enabled = True
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+progress = _Progress()
+
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: Sequence[float], p: float) -> float | None:
+    """Nearest-rank percentile of already sorted values (None if there are none)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def latency_summary(values_ms: Sequence[float]) -> dict[str, Any]:
+    ordered = sorted(round(value, 1) for value in values_ms)
+    return {
+        "count": len(ordered),
+        "p50_ms": percentile(ordered, 50),
+        "p90_ms": percentile(ordered, 90),
+        "p99_ms": percentile(ordered, 99),
+        "max_ms": ordered[-1] if ordered else None,
+        "mean_ms": round(sum(ordered) / len(ordered), 1) if ordered else None,
+    }
+
+
+# -- where the CPU went (Linux /proc; zeros elsewhere) -------------------------------------
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    at: float
+    seconds: dict[str, float]
+
+
+def _proc_cpu_s(pid: int) -> float:
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def _processes_named(comm: str) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the processes called ``comm``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == comm:
+                    cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                    found.append((int(entry.name), cmdline.decode(errors="replace")))
+    return found
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds all cores spent busy (everything but idle and iowait)."""
+    with contextlib.suppress(OSError, ValueError):
+        values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return (sum(values[:8]) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
+def cpu_sample(central_pid: int | None, database: str) -> CpuSample:
+    """CPU seconds so far of this process (agents, submitters, baseline client), central,
+    RabbitMQ (every beam.smp), PostgreSQL's backends serving ``database``, every other
+    postgres process (its WAL writer and checkpointer, and other users' sessions: a
+    large figure there means someone else is loading the machine) and the machine."""
+    postgres = _processes_named("postgres")
+    ours = sum(_proc_cpu_s(pid) for pid, cmdline in postgres if f" {database} " in cmdline)
+    return CpuSample(
+        time.perf_counter(),
+        {
+            "bench_process": time.process_time(),
+            "central": 0.0 if central_pid is None else _proc_cpu_s(central_pid),
+            "rabbitmq": sum(_proc_cpu_s(pid) for pid, _ in _processes_named("beam.smp")),
+            "postgres_sandbox": ours,
+            "postgres_other": sum(_proc_cpu_s(pid) for pid, _ in postgres) - ours,
+            "machine": _machine_busy_s(),
+        },
+    )
+
+
+def cores_used(before: CpuSample, after: CpuSample) -> dict[str, float]:
+    """Average cores each part kept busy between two samples."""
+    wall = after.at - before.at
+    return {
+        name: round((after.seconds[name] - before.seconds.get(name, 0.0)) / wall, 2)
+        for name in after.seconds
+    }
+
+
+# -- a sandbox: one vhost and one database for this run -------------------------------------
+
+
+@dataclass(frozen=True)
+class Services:
+    amqp_url: str
+    database_url: str
+    api_url: str
+
+    @property
+    def api_base(self) -> str:
+        parts = urlsplit(self.api_url)
+        netloc = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+    @property
+    def api_auth(self) -> tuple[str, str]:
+        parts = urlsplit(self.api_url)
+        return unquote(parts.username or "guest"), unquote(parts.password or "guest")
+
+    def api_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.api_base, auth=self.api_auth, timeout=HTTP_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    name: str
+    amqp_url: str
+    database_url: str
+
+
+def _with_path(url: str, name: str) -> str:
+    return urlunsplit(urlsplit(url)._replace(path="/" + quote(name, safe="")))
+
+
+@contextlib.asynccontextmanager
+async def sandbox(services: Services) -> AsyncIterator[Sandbox]:
+    """A new vhost (the admin user may do anything in it) and a new empty database."""
+    name = f"tillsync_bench_{secrets.token_hex(4)}"
+    vhost = quote(name, safe="")
+    user = quote(services.api_auth[0], safe="")
+    admin = await asyncpg.connect(services.database_url, timeout=HTTP_TIMEOUT_S)
+    try:
+        async with services.api_client() as client:
+            (await client.put(f"/api/vhosts/{vhost}")).raise_for_status()
+            everything = {"configure": ".*", "write": ".*", "read": ".*"}
+            response = await client.put(f"/api/permissions/{vhost}/{user}", json=everything)
+            response.raise_for_status()
+        # The name is ours (token_hex): an identifier cannot be a bound parameter.
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        progress(f"sandbox {name}: vhost and database created")
+        yield Sandbox(
+            name,
+            _with_path(services.amqp_url, name),
+            _with_path(services.database_url, name),
+        )
+    finally:
+        await _drop_sandbox(services, admin, name)
+
+
+async def _drop_sandbox(services: Services, admin: asyncpg.Connection, name: str) -> None:
+    """Drop the database and the vhost, each even if the other fails; say what is left."""
+    left = []
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    except (OSError, asyncpg.PostgresError) as exc:
+        left.append(f"database ({exc!r})")
+    finally:
+        await admin.close()
+    for attempt in range(10):
+        try:
+            async with services.api_client() as client:
+                response = await client.delete(f"/api/vhosts/{quote(name, safe='')}")
+            if response.status_code in (204, 404):
+                break
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(min(2.0, 0.2 * 2**attempt))
+    else:
+        left.append("vhost (management API unreachable)")
+    if left:
+        progress(f"sandbox {name}: NOT dropped: {', '.join(left)}")
+    else:
+        progress(f"sandbox {name}: vhost and database dropped")
+
+
+async def delete_users(services: Services, users: Sequence[str]) -> None:
+    """Broker users are global, not per vhost: the registers' users go explicitly."""
+    async with services.api_client() as client:
+        for name in users:
+            await client.delete(f"/api/users/{quote(name, safe='')}")
+
+
+# -- central: the real `tillsync-central run` ------------------------------------------------
+
+
+@dataclass
+class CentralProcess:
+    services: Services
+    box: Sandbox
+    workers: int
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    profile_path: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        script = str(BIN / "tillsync-central")
+        args = ["run", "--workers", str(self.workers)]
+        if self.profile_path is None:
+            return [script, *args]
+        return [sys.executable, "-m", "cProfile", "-o", str(self.profile_path), script, *args]
+
+    async def start(self) -> None:
+        env = {
+            **os.environ,
+            "TILLSYNC_AMQP_URL": self.box.amqp_url,
+            "TILLSYNC_DATABASE_URL": self.box.database_url,
+            "TILLSYNC_RABBITMQ_API_URL": self.services.api_url,
+            "TILLSYNC_LOG_FORMAT": "json",
+            **self.extra_env,
+        }
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.to_thread(
+                subprocess.Popen, self.command(), env=env, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 60
+        while await self._consumers() < self.workers:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tillsync-central exited {self.process.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("tillsync-central's workers did not consume within 60 s")
+            await asyncio.sleep(0.2)
+
+    async def _consumers(self) -> int:
+        path = (
+            f"/api/queues/{quote(self.box.name, safe='')}/{quote(topology.INGEST_QUEUE, safe='')}"
+        )
+        async with self.services.api_client() as client:
+            response = await client.get(path)
+        return int(response.json().get("consumers", 0)) if response.status_code == 200 else 0
+
+    async def stop(self) -> int | None:
+        """SIGTERM (central drains and exits), SIGKILL after 30 s."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(self.process.wait, 30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                await asyncio.to_thread(self.process.wait, 10)
+        return self.process.returncode
+
+    def count_in_log(self, event: str) -> int:
+        text = self.log_path.read_text(errors="replace")
+        return sum(1 for line in text.splitlines() if f'"event": "{event}"' in line)
+
+
+# -- the registers --------------------------------------------------------------------------
+
+
+@dataclass
+class Register:
+    agent: Agent
+    till: Till
+    task: asyncio.Task[None] | None = None
+    docs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def register_id(self) -> str:
+        return self.agent.settings.register_id
+
+    def generate(self, count: int) -> None:
+        """Documents made ahead of the clock: the simulator's cost is not measured."""
+        self.docs = [self.till.next_document() for _ in range(count)]
+
+    async def submit_all(self, concurrency: int) -> None:
+        """Submit ``self.docs`` in order with up to ``concurrency`` submits waiting: the
+        outbox commits every submit queued behind the one being written together."""
+        docs = iter(self.docs)
+
+        async def submitter() -> None:
+            for doc_type, body in docs:
+                await self.agent.submit(doc_type, body)
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(concurrency):
+                group.create_task(submitter())
+
+    def timings(self, first_seq: int, last_seq: int) -> list[tuple[int, int | None, int]]:
+        """``(created_at, last_sent_at, acked_at)`` in ms of the acknowledged rows in a seq
+        range. ``last_sent_at`` is when the sender recorded the broker's confirms of the
+        publish batch; None when central's ack got there first (the row was no longer
+        open when the sender marked its batch published)."""
+        with contextlib.closing(open_readonly(self.agent.settings.database_path)) as db:
+            rows = db.execute(
+                "SELECT created_at, last_sent_at, acked_at FROM outbox "
+                "WHERE seq BETWEEN ? AND ? AND state = 'acknowledged'",
+                (first_seq, last_seq),
+            ).fetchall()
+        return [(int(c), None if s is None else int(s), int(a)) for c, s, a in rows]
+
+    def open_rows(self) -> int:
+        """Rows neither acknowledged nor rejected, as the outbox table has them."""
+        with contextlib.closing(open_readonly(self.agent.settings.database_path)) as db:
+            row = db.execute(
+                "SELECT count(*) FROM outbox WHERE state IN ('pending', 'published')"
+            ).fetchone()
+        return int(row[0])
+
+    def payloads(self, last_seq: int) -> list[tuple[int, bytes]]:
+        with contextlib.closing(open_readonly(self.agent.settings.database_path)) as db:
+            rows = db.execute(
+                "SELECT seq, payload FROM outbox WHERE seq <= ? ORDER BY seq", (last_seq,)
+            ).fetchall()
+        return [(int(seq), bytes(payload)) for seq, payload in rows]
+
+
+@contextlib.asynccontextmanager
+async def running_registers(
+    enrollments: Sequence[Enrollment], data_dir: Path
+) -> AsyncIterator[list[Register]]:
+    """In-process agents with the production defaults (ack timeout 30 s, 1,000 in
+    flight), each running until the block ends, then stopped as SIGTERM stops one."""
+    async with contextlib.AsyncExitStack() as stack:
+        registers: list[Register] = []
+        for index, enrollment in enumerate(enrollments):
+            settings = load_settings(
+                None,
+                register_id=enrollment.register_id,
+                center_id=enrollment.center_id,
+                amqp_url=enrollment.amqp_url,
+                data_dir=data_dir / enrollment.register_id,
+            )
+            agent = await stack.enter_async_context(Agent(settings, serve_socket=False))
+            register = Register(agent, Till(enrollment.register_id, seed=index))
+            register.task = asyncio.create_task(agent.run())
+            stack.push_async_callback(_stop_agent, register)
+            registers.append(register)
+        await _wait_linked(registers)
+        yield registers
+
+
+async def _stop_agent(register: Register) -> None:
+    register.agent.stop()
+    if register.task is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(register.task, timeout=30)
+
+
+async def _wait_linked(registers: Sequence[Register]) -> None:
+    deadline = time.monotonic() + 30
+    while not all(r.agent.link.state.connected for r in registers):
+        if time.monotonic() > deadline:
+            raise RuntimeError("agents did not connect within 30 s")
+        await asyncio.sleep(0.05)
+
+
+async def wait_drained(registers: Sequence[Register], timeout: float = DRAIN_TIMEOUT_S) -> bool:
+    """Until no agent has anything pending; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while any(r.agent.outbox.counts.pending for r in registers):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(POLL_S)
+    return True
+
+
+# -- phase 1 and 2: tillsync ----------------------------------------------------------------
+
+
+async def full_load(
+    registers: Sequence[Register],
+    docs: int,
+    concurrency: int,
+    central_pid: int | None,
+    database: str,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every register submits its share as fast as it is accepted; until all acked."""
+    per_register = _shares(docs, len(registers))
+    for register, count in zip(registers, per_register, strict=True):
+        register.generate(count)
+    progress(f"tillsync: submitting {docs} documents through {len(registers)} agents")
+    cpu_before = cpu_sample(central_pid, database)
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for register in registers:
+            group.create_task(register.submit_all(concurrency))
+    submitted_s = time.perf_counter() - start
+    drained = await wait_drained(registers)
+    wall_s = time.perf_counter() - start
+    cpu = cores_used(cpu_before, cpu_sample(central_pid, database))
+    last_seqs = {r.register_id: r.agent.outbox.counts.last_seq for r in registers}
+    timings = [t for r in registers for t in r.timings(1, last_seqs[r.register_id])]
+    result = {
+        "documents": docs,
+        "drained": drained,
+        "submit_s": round(submitted_s, 3),
+        "submit_rate_per_s": round(docs / submitted_s, 1),
+        "wall_s": round(wall_s, 3),
+        "docs_per_s": round(docs / wall_s, 1),
+        **breakdown(timings),
+        "cores_used": cpu,
+        "payload_bytes": _payload_sizes(registers, last_seqs),
+    }
+    if not drained:
+        result["stuck"] = stuck(registers)
+    return result, last_seqs
+
+
+def stuck(registers: Sequence[Register]) -> dict[str, Any]:
+    """After a drain timeout: the in-memory pending counters against the outbox rows."""
+    return {
+        r.register_id: {
+            "pending_counter": r.agent.outbox.counts.pending,
+            "open_rows": r.open_rows(),
+        }
+        for r in registers
+    }
+
+
+async def half_load(
+    registers: Sequence[Register],
+    rate: float,
+    duration_s: float,
+    after: dict[str, int],
+    central_pid: int | None,
+    database: str,
+) -> dict[str, Any]:
+    """Submit at ``rate`` documents/s (spread over the registers) for ``duration_s``."""
+    total = max(1, int(rate * duration_s))
+    per_register = _shares(total, len(registers))
+    for register, count in zip(registers, per_register, strict=True):
+        register.generate(count)
+    progress(f"half load: {total} documents at {rate:.0f}/s for {duration_s:.0f} s")
+    # Round robin: register i gets documents i, i + R, i + 2R… (as _shares counted).
+    queues = [iter(r.docs) for r in registers]
+    cpu_before = cpu_sample(central_pid, database)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sent = 0
+    async with asyncio.TaskGroup() as group:
+        while sent < total:
+            due = min(total, int((loop.time() - start) * rate) + 1)
+            while sent < due:
+                index = sent % len(registers)
+                group.create_task(registers[index].agent.submit(*next(queues[index])))
+                sent += 1
+            await asyncio.sleep(0.002)
+    paced_s = loop.time() - start
+    cpu = cores_used(cpu_before, cpu_sample(central_pid, database))
+    drained = await wait_drained(registers)
+    timings = [
+        t
+        for r in registers
+        for t in r.timings(after[r.register_id] + 1, r.agent.outbox.counts.last_seq)
+    ]
+    result = {
+        "target_rate_per_s": round(rate, 1),
+        "achieved_rate_per_s": round(total / paced_s, 1),
+        "documents": total,
+        "duration_s": round(paced_s, 3),
+        "drained": drained,
+        **breakdown(timings),
+        "cores_used_while_paced": cpu,
+    }
+    if not drained:
+        result["stuck"] = stuck(registers)
+    return result
+
+
+def breakdown(timings: Sequence[tuple[int, int | None, int]]) -> dict[str, Any]:
+    """Submit→ack, and where it went: submit→publish batch confirmed (agent and broker)
+    and confirmed→ack (central's batch and commit, the ack's way back), for the rows
+    whose confirm was recorded before their ack."""
+    marked = [(c, s, a) for c, s, a in timings if s is not None]
+    return {
+        "submit_to_ack": latency_summary([a - c for c, _, a in timings]),
+        "submit_to_confirmed": latency_summary([s - c for c, s, _ in marked]),
+        "confirmed_to_ack": latency_summary([a - s for _, s, a in marked]),
+        "acked_before_marked_published": len(timings) - len(marked),
+    }
+
+
+def _shares(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def _payload_sizes(registers: Sequence[Register], last_seqs: dict[str, int]) -> dict[str, Any]:
+    sizes = sorted(
+        len(payload) for r in registers for _, payload in r.payloads(last_seqs[r.register_id])
+    )
+    return {
+        "min": sizes[0] if sizes else None,
+        "p50": percentile(sizes, 50),
+        "max": sizes[-1] if sizes else None,
+        "mean": round(sum(sizes) / len(sizes), 1) if sizes else None,
+    }
+
+
+async def invariant(pool: asyncpg.Pool, last_seqs: dict[str, int]) -> dict[str, Any]:
+    """What central stored, against what the outboxes hold: each seq exactly once."""
+    expected = sum(last_seqs.values())
+    row = await pool.fetchrow(
+        "SELECT count(*) AS stored, count(DISTINCT (register_id, seq)) AS keys, "
+        "count(DISTINCT doc_id) AS doc_ids FROM documents"
+    )
+    missing = 0
+    for register_id, last_seq in last_seqs.items():
+        present = await pool.fetchval(
+            "SELECT count(*) FROM documents WHERE register_id = $1 AND seq BETWEEN 1 AND $2",
+            register_id,
+            last_seq,
+        )
+        missing += last_seq - int(present)
+    conflicts = await pool.fetchval("SELECT count(*) FROM conflicts")
+    dead_letters = await pool.fetchval("SELECT count(*) FROM dead_letters")
+    return {
+        "submitted": expected,
+        "stored": int(row["stored"]),
+        "duplicates": int(row["stored"]) - min(int(row["keys"]), int(row["doc_ids"])),
+        "missing": missing,
+        "conflicts": int(conflicts),
+        "dead_letters": int(dead_letters),
+        "ok": int(row["stored"]) == expected and missing == 0,
+    }
+
+
+# -- phase 3: the raw baseline --------------------------------------------------------------
+
+BASELINE_QUEUE = "bench.baseline"
+BASELINE_TABLE = """
+CREATE TABLE bench_baseline (
+    register_id text   NOT NULL,
+    seq         bigint NOT NULL,
+    payload     bytea  NOT NULL,
+    PRIMARY KEY (register_id, seq)
+)
+"""
+BASELINE_INSERT = """
+INSERT INTO bench_baseline (register_id, seq, payload)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
+ON CONFLICT DO NOTHING
+"""
+
+
+@dataclass
+class BaselineConsumer:
+    """A plain consumer: batches of what has arrived (up to ``batch_size``), one
+    transaction each, then one multiple-ack."""
+
+    pool: asyncpg.Pool
+    expected: int
+    published_at: dict[str, float]
+    batch_size: int
+    latencies_ms: list[float] = field(default_factory=list)
+    committed: int = 0
+    batches: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage]) -> None:
+        while self.committed < self.expected:
+            batch = [await inbox.get()]
+            while len(batch) < self.batch_size and not inbox.empty():
+                batch.append(inbox.get_nowait())
+            keys = [str(m.message_id).split(":") for m in batch]
+            async with self.pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    BASELINE_INSERT,
+                    [k[0] for k in keys],
+                    [int(k[1]) for k in keys],
+                    [bytes(m.body) for m in batch],
+                )
+            now = time.perf_counter()
+            for message in batch:
+                self.latencies_ms.append((now - self.published_at[str(message.message_id)]) * 1e3)
+            await batch[-1].ack(multiple=True)
+            self.committed += len(batch)
+            self.batches += 1
+        self.done.set()
+
+
+async def baseline(
+    box: Sandbox, messages: Sequence[tuple[str, int, bytes]], in_flight: int, prefetch: int
+) -> dict[str, Any]:
+    progress(f"baseline: {len(messages)} messages, {in_flight} in flight, prefetch {prefetch}")
+    pool = await asyncpg.create_pool(box.database_url, min_size=1, max_size=2)
+    publisher = await aio_pika.connect(box.amqp_url, timeout=15)
+    consumer_conn = await aio_pika.connect(box.amqp_url, timeout=15)
+    try:
+        await pool.execute(BASELINE_TABLE)
+        channel = await publisher.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            BASELINE_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        consume_channel = await consumer_conn.channel()
+        await consume_channel.set_qos(prefetch_count=prefetch)
+        inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage] = asyncio.Queue()
+        await (await consume_channel.get_queue(BASELINE_QUEUE)).consume(inbox.put)
+        published_at: dict[str, float] = {}
+        consumer = BaselineConsumer(pool, len(messages), published_at, batch_size=500)
+        consuming = asyncio.create_task(consumer.run(inbox))
+        cpu_before = cpu_sample(None, box.name)
+        start = time.perf_counter()
+        publish_s = await _publish_all(channel, queue.name, messages, in_flight, published_at)
+        await asyncio.wait_for(consumer.done.wait(), timeout=DRAIN_TIMEOUT_S)
+        wall_s = time.perf_counter() - start
+        cpu = cores_used(cpu_before, cpu_sample(None, box.name))
+        del cpu["central"]
+        await consuming
+        stored = await pool.fetchval("SELECT count(*) FROM bench_baseline")
+        return {
+            "documents": len(messages),
+            "publish_s": round(publish_s, 3),
+            "publish_rate_per_s": round(len(messages) / publish_s, 1),
+            "wall_s": round(wall_s, 3),
+            "docs_per_s": round(len(messages) / wall_s, 1),
+            "publish_to_commit": latency_summary(consumer.latencies_ms),
+            "batches": consumer.batches,
+            "mean_batch": round(consumer.committed / max(1, consumer.batches), 1),
+            "cores_used": cpu,
+            "stored": int(stored),
+        }
+    finally:
+        await consumer_conn.close()
+        await publisher.close()
+        await pool.close()
+
+
+async def _publish_all(
+    channel: aio_pika.abc.AbstractChannel,
+    routing_key: str,
+    messages: Sequence[tuple[str, int, bytes]],
+    in_flight: int,
+    published_at: dict[str, float],
+) -> float:
+    """Publish everything with confirms, at most ``in_flight`` unconfirmed at a time."""
+    window = asyncio.Semaphore(in_flight)
+    exchange = channel.default_exchange
+    start = time.perf_counter()
+
+    async def publish(register_id: str, seq: int, payload: bytes) -> None:
+        async with window:
+            message_id = f"{register_id}:{seq}"
+            published_at[message_id] = time.perf_counter()
+            await exchange.publish(
+                aio_pika.Message(
+                    payload,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=message_id,
+                ),
+                routing_key,
+                timeout=30,
+            )
+
+    async with asyncio.TaskGroup() as group:
+        for register_id, seq, payload in messages:
+            group.create_task(publish(register_id, seq, payload))
+    return time.perf_counter() - start
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    docs: int
+    registers: int
+    workers: int
+    concurrency: int
+    half_load_s: float
+    in_flight: int
+    prefetch: int
+    batch_max_wait_ms: int | None
+    profile_dir: Path | None
+    json_only: bool
+
+
+async def machine(services: Services, box: Sandbox) -> dict[str, Any]:
+    async with services.api_client() as client:
+        overview = (await client.get("/api/overview")).json()
+    conn = await asyncpg.connect(box.database_url)
+    try:
+        postgres = await conn.fetchval("SHOW server_version")
+    finally:
+        await conn.close()
+    return {
+        "cores": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "rabbitmq": overview.get("rabbitmq_version"),
+        "erlang": overview.get("erlang_version"),
+        "postgres": postgres,
+        "platform": platform.platform(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+async def run_tillsync(
+    options: Options, services: Services, box: Sandbox, work: Path
+) -> dict[str, Any]:
+    """Phases 1 and 2, then the invariant; returns the figures and the payloads used."""
+    extra_env = {}
+    if options.batch_max_wait_ms is not None:
+        extra_env["TILLSYNC_INGEST_BATCH_MAX_WAIT_MS"] = str(options.batch_max_wait_ms)
+    central = CentralProcess(
+        services,
+        box,
+        options.workers,
+        work / "central.log",
+        extra_env,
+        None if options.profile_dir is None else options.profile_dir / "central.pstats",
+    )
+    run_id = box.name.rsplit("_", 1)[-1][:6]
+    register_ids = [f"b{run_id}-r{i + 1}" for i in range(options.registers)]
+    users = [topology.register_username(r) for r in register_ids]
+    pool = await asyncpg.create_pool(box.database_url, min_size=1, max_size=2)
+    try:
+        progress(f"central: tillsync-central run --workers {options.workers}")
+        await central.start()
+        async with Management(services.api_url, box.name) as management:
+            enrollments = [
+                await add_register(pool, management, box.amqp_url, CENTER_ID, register_id)
+                for register_id in register_ids
+            ]
+        async with running_registers(enrollments, work / "agents") as registers:
+            pid = None if central.process is None else central.process.pid
+            full, last_seqs = await full_load(
+                registers, options.docs, options.concurrency, pid, box.name
+            )
+            progress(f"tillsync: {full['docs_per_s']} docs/s")
+            rate = full["docs_per_s"] / 2
+            half = await half_load(registers, rate, options.half_load_s, last_seqs, pid, box.name)
+            all_seqs = {r.register_id: r.agent.outbox.counts.last_seq for r in registers}
+            rejected = sum(r.agent.outbox.counts.rejected for r in registers)
+            reconnects = sum(r.agent.link.state.reconnects for r in registers)
+            payloads = [
+                (r.register_id, seq, payload)
+                for r in registers
+                for seq, payload in r.payloads(last_seqs[r.register_id])
+            ]
+        exit_code = await central.stop()
+        check = await invariant(pool, all_seqs)
+        check["rejected_by_central"] = rejected
+        check["resent_duplicates_seen_by_central"] = central.count_in_log(
+            "duplicate document acknowledged again"
+        )
+        full["central_exit_code"] = exit_code
+        full["central_batches"] = central.count_in_log("batch committed")
+        # Another process restarting the broker or the database spoils the figures.
+        disturbances = {
+            "agent_reconnects": reconnects,
+            "central_sessions_ended": central.count_in_log("consumer session ended"),
+            "central_db_retries": central.count_in_log(
+                "database unavailable, batch kept for retry"
+            ),
+        }
+        return {
+            "tillsync": full,
+            "half_load": half,
+            "invariant": check,
+            "disturbances": disturbances,
+            "payloads": payloads,
+        }
+    finally:
+        await central.stop()
+        await pool.close()
+        with contextlib.suppress(Exception):
+            await delete_users(services, users)
+
+
+async def run(options: Options, services: Services) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="tillsync-bench-") as tmp:
+        async with sandbox(services) as box:
+            info = await machine(services, box)
+            results = await _profiled(options, run_tillsync(options, services, box, Path(tmp)))
+            payloads = results.pop("payloads")
+            raw = await baseline(box, payloads, options.in_flight, options.prefetch)
+    info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    return report(options, info, results, raw)
+
+
+async def _profiled(options: Options, work: Any) -> dict[str, Any]:
+    """Await ``work`` under cProfile when ``--profile DIR`` is given (the bench process:
+    agents, submitters)."""
+    if options.profile_dir is None:
+        return dict(await work)
+    import cProfile
+
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        return dict(await work)
+    finally:
+        profile.disable()
+        profile.dump_stats(options.profile_dir / "agents.pstats")
+
+
+def report(
+    options: Options, info: dict[str, Any], results: dict[str, Any], raw: dict[str, Any]
+) -> dict[str, Any]:
+    tillsync, half = results["tillsync"], results["half_load"]
+    ratio = tillsync["docs_per_s"] / raw["docs_per_s"] if raw["docs_per_s"] else None
+    half_p99 = half["submit_to_ack"]["p99_ms"]
+    check = results["invariant"]
+    disturbances = results["disturbances"]
+    undisturbed = not any(disturbances.values()) and tillsync["drained"] and half["drained"]
+    return {
+        "valid": undisturbed,
+        "disturbances": disturbances,
+        "tillsync": tillsync,
+        "baseline": raw,
+        "ratio_throughput": None if ratio is None else round(ratio, 3),
+        "half_load": half,
+        "stored": check["stored"],
+        "duplicates": check["duplicates"],
+        "invariant": check,
+        "targets": {
+            "throughput_at_least_half_of_baseline": {
+                "met": ratio is not None and ratio >= 0.5,
+                "ratio": None if ratio is None else round(ratio, 3),
+                "tillsync_docs_per_s": tillsync["docs_per_s"],
+                "baseline_docs_per_s": raw["docs_per_s"],
+            },
+            "p99_submit_to_ack_under_50ms_at_half_load": {
+                "met": half_p99 is not None and half_p99 < 50 and half["drained"],
+                "p99_ms": half_p99,
+                "p50_ms": half["submit_to_ack"]["p50_ms"],
+            },
+        },
+        "config": {
+            "docs": options.docs,
+            "registers": options.registers,
+            "central_workers": options.workers,
+            "submit_concurrency_per_agent": options.concurrency,
+            "half_load_s": options.half_load_s,
+            "baseline_in_flight": options.in_flight,
+            "baseline_prefetch": options.prefetch,
+            "baseline_batch": 500,
+            "ingest_batch_max_wait_ms": options.batch_max_wait_ms or "central default (50)",
+            "agent_settings": "defaults (max_in_flight 1000, ack_timeout_s 30, synchronous=FULL)",
+        },
+        "machine": info,
+    }
+
+
+def parse(argv: Sequence[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--docs", type=int, default=20_000, help="documents in the full-load run")
+    parser.add_argument("--registers", type=int, default=4, help="in-process agents")
+    parser.add_argument("--workers", type=int, default=2, help="central's ingest workers")
+    parser.add_argument("--concurrency", type=int, default=64, help="submits waiting per agent")
+    parser.add_argument("--half-load-seconds", type=float, default=8.0, dest="half_load_s")
+    parser.add_argument("--in-flight", type=int, default=1000, help="baseline unconfirmed")
+    parser.add_argument("--prefetch", type=int, default=2000, help="baseline consumer prefetch")
+    parser.add_argument(
+        "--batch-max-wait-ms",
+        type=int,
+        default=None,
+        help="pass TILLSYNC_INGEST_BATCH_MAX_WAIT_MS to central (default: its own, 50)",
+    )
+    parser.add_argument(
+        "--profile", type=Path, default=None, dest="profile_dir", help="write cProfile stats here"
+    )
+    parser.add_argument("--json-only", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    if args.docs < args.registers or args.registers < 1 or args.workers < 1:
+        parser.error("need --registers >= 1, --workers >= 1 and --docs >= --registers")
+    return Options(**vars(args))
+
+
+def services_from_env() -> Services:
+    env = {key: os.environ.get(key) or default for key, default in DEFAULTS.items()}
+    return Services(
+        env["TILLSYNC_AMQP_URL"], env["TILLSYNC_DATABASE_URL"], env["TILLSYNC_RABBITMQ_API_URL"]
+    )
+
+
+async def _cancel_on_sigterm(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
+    """SIGTERM cancels the run as Ctrl-C does, so the sandbox is dropped either way."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await work
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse(argv)
+    configure_logging("console", "warning")  # the agents' logs: stderr, warnings only
+    if options.profile_dir is not None:
+        options.profile_dir.mkdir(parents=True, exist_ok=True)
+    progress.enabled = not options.json_only
+    try:
+        result = asyncio.run(_cancel_on_sigterm(run(options, services_from_env())))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: the sandbox vhost and database were dropped", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
