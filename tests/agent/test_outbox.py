@@ -149,3 +149,27 @@ async def test_a_document_over_the_size_limit_is_refused_before_it_gets_a_seq(
         assert info.value.code == "too_large"
         assert (await outbox.submit("receipt", receipt())).seq == 1
         assert outbox.counts.pending == 1
+
+
+async def test_a_cancelled_submit_or_ack_leaves_counts_and_seqs_true(tmp_path: Path) -> None:
+    """A POS request that times out cancels its await; the commit must still complete
+    with the counters, or the next submit would reuse a seq."""
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        for delay_steps in range(6):
+            task = asyncio.create_task(outbox.submit("receipt", receipt()))
+            for _ in range(delay_steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        ack = AckBody(register_id="r-1", accepted=[SeqRange(first=1, last=3)])
+        task = asyncio.create_task(outbox.apply_ack(ack))
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        following = await outbox.submit("receipt", receipt())
+        stored = table_counts(tmp_path / "a.db")
+        counts = outbox.counts
+        assert following.seq == counts.last_seq == sum(stored.values())
+        assert counts.pending == stored.get("pending", 0)
+        assert counts.acknowledged == stored.get("acknowledged", 0)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from tillsync_protocol import (
     MAX_MESSAGE_SIZE,
@@ -33,6 +33,8 @@ from tillsync_protocol import (
 from .store import Store
 
 __all__ = ["Counts", "Outbox", "OutboxRow", "Submitted", "now_ms"]
+
+T = TypeVar("T")
 
 
 def now_ms() -> int:
@@ -148,11 +150,24 @@ class Outbox:
         """
         future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
         self._queue.append(_Request(doc_type, body, future))
-        async with self._lock:
-            if not future.done():
-                batch, self._queue = self._queue, []
-                await self._write(batch)
+        await self._exclusive(self._drain)
         return future.result()
+
+    async def _drain(self) -> None:
+        if self._queue:
+            batch, self._queue = self._queue, []
+            await self._write(batch)
+
+    async def _exclusive(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run ``work`` under the write lock and to completion even if the caller is
+        cancelled (a POS request timing out): cancelling between COMMIT and the counter
+        update would leave the in-memory counts and ``last_seq`` behind the database."""
+
+        async def locked() -> T:
+            async with self._lock:
+                return await work()
+
+        return await asyncio.shield(locked())
 
     async def submit_many(
         self, documents: Iterable[tuple[str, Mapping[str, Any]]]
@@ -268,35 +283,37 @@ class Outbox:
     async def apply_ack(self, ack: AckBody) -> tuple[int, int]:
         """Mark acknowledged and rejected rows; returns how many changed state (a repeated
         ack changes nothing)."""
+        return await self._exclusive(lambda: self._apply_ack(ack))
+
+    async def _apply_ack(self, ack: AckBody) -> tuple[int, int]:
         now = now_ms()
-        async with self._lock:
-            db = self._store.db
-            acked = rejected = 0
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                for seq_range in ack.accepted:
-                    cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
-                    acked += cursor.rowcount
-                for rejection in ack.rejected:
-                    cursor = await db.execute(
-                        _REJECT,
-                        (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
-                    )
-                    rejected += cursor.rowcount
-                await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
-                await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
-                await db.execute(_ADD_COUNTER, (rejected, "rejected"))
-                await db.execute("COMMIT")
-            except BaseException:
-                await _rollback(db)
-                raise
-            c = self._counts
-            self._counts = Counts(
-                c.last_seq,
-                c.pending - acked - rejected,
-                c.acknowledged + acked,
-                c.rejected + rejected,
-            )
+        db = self._store.db
+        acked = rejected = 0
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for seq_range in ack.accepted:
+                cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
+                acked += cursor.rowcount
+            for rejection in ack.rejected:
+                cursor = await db.execute(
+                    _REJECT,
+                    (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
+                )
+                rejected += cursor.rowcount
+            await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
+            await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
+            await db.execute(_ADD_COUNTER, (rejected, "rejected"))
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
+        c = self._counts
+        self._counts = Counts(
+            c.last_seq,
+            c.pending - acked - rejected,
+            c.acknowledged + acked,
+            c.rejected + rejected,
+        )
         return acked, rejected
 
     async def rejected_documents(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -312,16 +329,18 @@ class Outbox:
         )
 
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        async with self._lock:
-            db = self._store.db
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                for sql, params in statements:
-                    await db.executemany(sql, params)
-                await db.execute("COMMIT")
-            except BaseException:
-                await _rollback(db)
-                raise
+        await self._exclusive(lambda: self._run(statements))
+
+    async def _run(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        db = self._store.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            for sql, params in statements:
+                await db.executemany(sql, params)
+            await db.execute("COMMIT")
+        except BaseException:
+            await _rollback(db)
+            raise
 
 
 async def _rollback(db: Any) -> None:
