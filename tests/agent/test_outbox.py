@@ -128,13 +128,18 @@ async def test_published_rows_wait_and_a_shift_close_makes_its_shift_due(tmp_pat
         for _ in range(3):
             await outbox.submit("receipt", receipt(shift_no=7))
         await outbox.submit("receipt", receipt(shift_no=8))
+        await outbox.submit("receipt", receipt(shift_no=7))
         far = now_ms() + 3_600_000
-        await outbox.mark_published([(seq, far) for seq in (1, 2, 3, 4)], now_ms())
+        long_ago = now_ms() - 120_000
+        # seqs 1-4 were sent two minutes ago without an ack; seq 5 was sent just now.
+        await outbox.mark_published([(seq, far) for seq in (1, 2, 3, 4)], long_ago)
+        await outbox.mark_published([(5, far)], now_ms())
         assert await outbox.due(100) == []
-        close = await outbox.submit("shift_close", shift_close(7, 1, 3, 3, 36_300))
+        close = await outbox.submit("shift_close", shift_close(7, 1, 5, 4, 48_400))
+        # The shift's stale rows and the close itself; not seq 4 (shift 8), not seq 5 (in flight).
         assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, close.seq]
         await outbox.make_due()
-        assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, 4, close.seq]
+        assert [row.seq for row in await outbox.due(100)] == [1, 2, 3, 4, 5, close.seq]
 
 
 async def test_a_document_over_the_size_limit_is_refused_before_it_gets_a_seq(

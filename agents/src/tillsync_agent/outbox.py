@@ -108,17 +108,23 @@ _RANGE_DUE = """
 UPDATE outbox SET next_attempt_at = ?
 WHERE state IN ('pending', 'published') AND seq BETWEEN ? AND ?
 """
+# Rows sent recently are still within their ack timeout: only the rest is resent.
 _SHIFT_DUE = """
 UPDATE outbox SET next_attempt_at = ?
 WHERE state IN ('pending', 'published') AND shift_no = ?
+    AND (state = 'pending' OR last_sent_at < ?)
 """
+_SET_STATE = "INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)"
 
 
 class Outbox:
     """The register's outbox over the one writer connection of :class:`Store`."""
 
-    def __init__(self, store: Store, *, register_id: str, center_id: str) -> None:
+    def __init__(
+        self, store: Store, *, register_id: str, center_id: str, resend_after_ms: int = 30_000
+    ) -> None:
         self._store = store
+        self._resend_after_ms = resend_after_ms
         self.register_id = register_id
         self.center_id = center_id
         self._lock = asyncio.Lock()
@@ -215,7 +221,7 @@ class Outbox:
             await db.executemany(_INSERT, rows)
             # A shift close triggers a check of the whole shift: resend what is still open.
             for shift_no in shifts_closed:
-                await db.execute(_SHIFT_DUE, (now, shift_no))
+                await db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
             await db.execute(_SET_COUNTER, (seq, "last_seq"))
             await db.execute(_ADD_COUNTER, (len(rows), "pending"))
             await db.execute("COMMIT")
@@ -261,11 +267,20 @@ class Outbox:
             row = await cursor.fetchone()
         return None if row is None else row[0]
 
-    async def mark_published(self, published: Sequence[tuple[int, int]], now: int) -> None:
-        """``published`` is ``(seq, next_attempt_at)`` for each confirmed publish."""
-        await self._transaction(
-            [(_MARK_PUBLISHED, [(now, next_at, seq) for seq, next_at in published])]
-        )
+    async def mark_published(
+        self,
+        published: Sequence[tuple[int, int]],
+        now: int,
+        state: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """``published`` is ``(seq, next_attempt_at)`` for each confirmed publish; ``state``
+        (agent_state keys) is written in the same transaction."""
+        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
+            (_MARK_PUBLISHED, [(now, next_at, seq) for seq, next_at in published])
+        ]
+        if state:
+            statements.append((_SET_STATE, list(state.items())))
+        await self._transaction(statements)
 
     async def mark_failed(self, failed: Sequence[tuple[int, int]]) -> None:
         """``failed`` is ``(seq, next_attempt_at)``: not confirmed, try again then."""
@@ -324,9 +339,7 @@ class Outbox:
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
     async def set_state(self, key: str, value: str | None) -> None:
-        await self._transaction(
-            [("INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)", [(key, value)])]
-        )
+        await self._transaction([(_SET_STATE, [(key, value)])])
 
     async def _transaction(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
         await self._exclusive(lambda: self._run(statements))

@@ -95,10 +95,11 @@ class Sender:
                 error=reason,
             )
         if published:
-            await self._outbox.mark_published(published, now)
+            await self._outbox.mark_published(
+                published, now, state={"last_successful_send_at": str(now)}
+            )
             self.stats.published += len(published)
             self.stats.last_success_at = now
-            await self._outbox.set_state("last_successful_send_at", str(now))
         if failed:
             await self._outbox.mark_failed(failed)
             self.stats.failed += len(failed)

@@ -36,7 +36,10 @@ class Agent:
         self.settings = settings
         self._store = Store(settings.database_path)
         self.outbox = Outbox(
-            self._store, register_id=settings.register_id, center_id=settings.center_id
+            self._store,
+            register_id=settings.register_id,
+            center_id=settings.center_id,
+            resend_after_ms=int(settings.ack_timeout_s * 1000),
         )
         self._sender = Sender(settings, self.outbox)
         self.link = Link(settings, self._sender, self._on_message)
