@@ -85,7 +85,6 @@ def validate(raw: dict[str, Any]) -> Message:
     validates bytes: the same checks, the same errors."""
     if not isinstance(raw, dict):
         raise MalformedError(f"the top level must be a map, not {_wire_type(raw)}")
-    raw = copy.deepcopy(raw)  # dropping a newer minor's unknown fields edits it in place
     _check_tree(raw)
     return _validate(raw, _message_class(raw))
 
@@ -143,36 +142,55 @@ def _refuse_ext(code: int, data: bytes) -> object:
 
 
 def _check_tree(root: dict[str, Any]) -> None:
-    """Refuse deep nesting, non-string map keys, timestamps and floats, without recursion."""
-    stack: list[tuple[object, tuple[str | int, ...]]] = [(root, ())]
+    """Refuse deep nesting, non-string map keys, timestamps and floats, without recursion.
+
+    Runs on every message: the path of a node is kept as a linked ``(parent, key)`` pair
+    and spelled out only when there is an error to report.
+    """
+    stack: list[tuple[object, int, _Trail]] = [(root, 0, None)]
     while stack:
-        value, path = stack.pop()
+        value, depth, trail = stack.pop()
         if isinstance(value, float):
             raise FloatNotAllowedError(
                 "floats are never allowed: money is integer minor units, quantities integer "
                 "thousandths, rates decimal strings",
-                field=field_path(path),
+                field=field_path(_spell(trail)),
             )
         if isinstance(value, msgpack.Timestamp):
             # msgpack decodes extension -1 itself, without calling ext_hook.
             raise MalformedError(
                 "MessagePack extension type -1 (timestamp) is not used by the protocol: "
                 "times are integer Unix milliseconds",
-                field=field_path(path),
+                field=field_path(_spell(trail)),
             )
         if not isinstance(value, (dict, list)):
             continue
-        if len(path) >= _MAX_DEPTH:
-            raise MalformedError(f"nesting deeper than {_MAX_DEPTH} levels", field=field_path(path))
+        if depth >= _MAX_DEPTH:
+            raise MalformedError(
+                f"nesting deeper than {_MAX_DEPTH} levels", field=field_path(_spell(trail))
+            )
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
                     raise MalformedError(
-                        f"map keys must be strings, not {_wire_type(key)}", field=field_path(path)
+                        f"map keys must be strings, not {_wire_type(key)}",
+                        field=field_path(_spell(trail)),
                     )
-                stack.append((item, (*path, key)))
+                stack.append((item, depth + 1, (trail, key)))
         else:
-            stack.extend((item, (*path, index)) for index, item in enumerate(value))
+            stack.extend((item, depth + 1, (trail, index)) for index, item in enumerate(value))
+
+
+_Trail = tuple[Any, str | int] | None
+"""A node's path as ``(parent trail, key)`` links, root first when spelled out."""
+
+
+def _spell(trail: _Trail) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    while trail is not None:
+        trail, key = trail
+        parts.append(key)
+    return tuple(reversed(parts))
 
 
 def _message_class(raw: dict[str, Any]) -> type[Message]:
@@ -213,7 +231,9 @@ def _validate(raw: dict[str, Any], cls: type[M]) -> M:
             errors = exc.errors(include_url=False)
             unknown = [e for e in errors if e["type"] == "extra_forbidden"]
             if newer_minor and unknown:
-                # A newer minor version added fields: drop them and read what we know.
+                # A newer minor version added fields: drop them and read what we know
+                # (from a copy: the caller's data stays as it was).
+                raw = copy.deepcopy(raw)
                 for error in unknown:
                     _drop(raw, error["loc"])
                 newer_minor = False
