@@ -37,7 +37,13 @@ TABLES = {
     "dead_letters",
     "register_state",
     "schema_migrations",
+    "catalog_scopes",
+    "catalog_entities",
+    "catalog_changelog",
+    "relay_positions",
+    "catalog_conflicts",
 }
+ALL = ["0001_documents", "0002_catalog"]
 
 
 @pytest.fixture
@@ -66,13 +72,13 @@ async def _tables(dsn: str) -> set[str]:
 
 async def test_migrate_creates_every_table(empty_database: str) -> None:
     assert await _tables(empty_database) == set()
-    assert [s.state for s in await migration_status(empty_database)] == ["pending"]
+    assert [s.state for s in await migration_status(empty_database)] == ["pending"] * len(ALL)
 
-    assert await migrate(empty_database) == ["0001_documents"]
+    assert await migrate(empty_database) == ALL
 
     assert await _tables(empty_database) == TABLES
     statuses = await migration_status(empty_database)
-    assert [(s.name, s.state) for s in statuses] == [("0001_documents", "applied")]
+    assert [(s.name, s.state) for s in statuses] == [(name, "applied") for name in ALL]
     assert statuses[0].applied_at is not None
 
 
@@ -90,7 +96,7 @@ async def test_migrating_twice_is_a_no_op(empty_database: str) -> None:
 async def test_an_edited_applied_migration_is_refused(
     empty_database: str, migrations_copy: Path
 ) -> None:
-    assert await migrate(empty_database, migrations_copy) == ["0001_documents"]
+    assert await migrate(empty_database, migrations_copy) == ALL
     edited = migrations_copy / "0001_documents.sql"
     edited.write_text(edited.read_text() + "\nCREATE TABLE sneaky (id int);\n")
 
@@ -103,23 +109,26 @@ async def test_an_edited_applied_migration_is_refused(
     assert error.field == "0001_documents"
     assert "changed after it was applied" in error.reason
     assert "sneaky" not in await _tables(empty_database)
-    assert [s.state for s in await migration_status(empty_database, migrations_copy)] == ["changed"]
+    assert [s.state for s in await migration_status(empty_database, migrations_copy)] == [
+        "changed",
+        "applied",
+    ]
 
 
 async def test_a_new_file_is_applied_after_the_others(
     empty_database: str, migrations_copy: Path
 ) -> None:
     await migrate(empty_database, migrations_copy)
-    (migrations_copy / "0002_extra.sql").write_text("CREATE TABLE extra (id int);\n")
+    (migrations_copy / "0099_extra.sql").write_text("CREATE TABLE extra (id int);\n")
 
-    assert await migrate(empty_database, migrations_copy) == ["0002_extra"]
+    assert await migrate(empty_database, migrations_copy) == ["0099_extra"]
     assert "extra" in await _tables(empty_database)
 
 
 async def test_a_failing_migration_is_rolled_back_whole(
     empty_database: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0002_broken.sql").write_text(
+    (migrations_copy / "0099_broken.sql").write_text(
         "CREATE TABLE half_done (id int);\nSELECT 1 / 0;\n"
     )
 
@@ -127,26 +136,27 @@ async def test_a_failing_migration_is_rolled_back_whole(
         await migrate(empty_database, migrations_copy)
 
     assert caught.value.code == "migration_failed"
-    assert caught.value.field == "0002_broken"
-    # 0001 committed in its own transaction; 0002 left nothing behind.
+    assert caught.value.field == "0099_broken"
+    # 0001 and 0002 committed in their own transactions; 0099 left nothing behind.
     assert "half_done" not in await _tables(empty_database)
     statuses = await migration_status(empty_database, migrations_copy)
     assert [(s.name, s.state) for s in statuses] == [
         ("0001_documents", "applied"),
-        ("0002_broken", "pending"),
+        ("0002_catalog", "applied"),
+        ("0099_broken", "pending"),
     ]
 
 
 async def test_a_database_newer_than_the_files_is_refused(
     empty_database: str, migrations_copy: Path
 ) -> None:
-    (migrations_copy / "0002_extra.sql").write_text("CREATE TABLE extra (id int);\n")
+    (migrations_copy / "0099_extra.sql").write_text("CREATE TABLE extra (id int);\n")
     await migrate(empty_database, migrations_copy)
 
     with pytest.raises(MigrationError) as caught:
         await migrate(empty_database)
     assert caught.value.code == "migration_unknown"
-    assert caught.value.field == "0002_extra"
+    assert caught.value.field == "0099_extra"
 
 
 async def test_badly_named_files_are_refused(empty_database: str, migrations_copy: Path) -> None:
@@ -160,10 +170,10 @@ async def test_badly_named_files_are_refused(empty_database: str, migrations_cop
 async def test_concurrent_migrations_apply_once(empty_database: str) -> None:
     results = await asyncio.gather(*(migrate(empty_database) for _ in range(4)))
 
-    assert sorted(results) == [[], [], [], ["0001_documents"]]
+    assert sorted(results) == [[], [], [], ALL]
     conn = await asyncpg.connect(empty_database, timeout=10)
     try:
-        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 1
+        assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == len(ALL)
         held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
         held += "(SELECT oid FROM pg_database WHERE datname = current_database())"
         assert await conn.fetchval(held) == 0
@@ -192,7 +202,7 @@ async def test_migrate_waits_for_the_lock_holder(empty_database: str) -> None:
         assert await _tables(empty_database) == set()
 
         await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
-        assert await asyncio.wait_for(task, 30) == ["0001_documents"]
+        assert await asyncio.wait_for(task, 30) == ALL
     finally:
         await holder.close()
 
@@ -206,7 +216,7 @@ async def test_migrate_gives_up_after_the_lock_timeout(empty_database: str) -> N
         assert caught.value.code == "migration_lock_timeout"
     finally:
         await holder.close()
-    assert await migrate(empty_database) == ["0001_documents"]
+    assert await migrate(empty_database) == ALL
 
 
 async def test_schema_keeps_documents_once_through_the_pool(fresh_database: str) -> None:
@@ -262,7 +272,7 @@ async def test_cli_migrates_then_reports_up_to_date(empty_database: str) -> None
     env = {**_clean_env(), "TILLSYNC_DATABASE_URL": empty_database}
 
     code, out, err = await _run_cli("migrate", env=env)
-    assert (code, out) == (0, "applied 0001_documents\n"), err
+    assert (code, out) == (0, "applied 0001_documents\napplied 0002_catalog\n"), err
     assert "migrated" in err
     assert f":{urlsplit(empty_database).password}@" not in err  # passwords are masked
 
@@ -280,7 +290,7 @@ async def test_cli_reads_a_config_file(empty_database: str, tmp_path: Path) -> N
     config.write_text(f'database_url = "{empty_database}"\nlog_format = "json"\n')
 
     code, out, err = await _run_cli("migrate", "--config", str(config), env=_clean_env())
-    assert (code, out) == (0, "applied 0001_documents\n"), err
+    assert (code, out) == (0, "applied 0001_documents\napplied 0002_catalog\n"), err
     assert '"event": "migrated"' in err
 
 
