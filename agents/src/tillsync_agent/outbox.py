@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import aiosqlite
+
 from tillsync_protocol import (
     MAX_MESSAGE_SIZE,
     PROTOCOL_VERSION,
@@ -30,7 +32,7 @@ from tillsync_protocol import (
     validate,
 )
 
-from .store import Store
+from .store import Store, rollback
 
 __all__ = ["Counts", "Outbox", "OutboxRow", "Submitted", "now_ms"]
 
@@ -127,7 +129,8 @@ class Outbox:
         self._resend_after_ms = resend_after_ms
         self.register_id = register_id
         self.center_id = center_id
-        self._lock = asyncio.Lock()
+        # The store's lock: outbox and catalog replica share the one writer connection.
+        self._lock = store.write_lock
         self._queue: list[_Request] = []
         self._counts = Counts(0, 0, 0, 0)
         self.changed = asyncio.Event()
@@ -187,6 +190,58 @@ class Outbox:
                 raise result
         return [r for r in results if isinstance(r, Submitted)]
 
+    async def submit_with(
+        self,
+        doc_type: str,
+        body: Callable[[aiosqlite.Connection], Awaitable[Mapping[str, Any]]],
+        write: Callable[[aiosqlite.Connection, Submitted], Awaitable[None]],
+    ) -> Submitted:
+        """Store one document in the same transaction as the caller's own writes.
+
+        Inside one ``BEGIN IMMEDIATE`` transaction: ``body(db)`` reads what it needs and
+        returns the document's body, the document is validated and inserted with the next
+        seq, then ``write(db, submitted)`` adds the caller's writes (the catalog replica's
+        item edit). Any error rolls all of it back (no seq is used) and is raised.
+        """
+        submitted = await self._exclusive(lambda: self._write_with(doc_type, body, write))
+        self.changed.set()
+        return submitted
+
+    async def _write_with(
+        self,
+        doc_type: str,
+        body: Callable[[aiosqlite.Connection], Awaitable[Mapping[str, Any]]],
+        write: Callable[[aiosqlite.Connection, Submitted], Awaitable[None]],
+    ) -> Submitted:
+        db = self._store.db
+        counts = self._counts
+        now = now_ms()
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            document = self._build(doc_type, await body(db), counts.last_seq + 1, now)
+            payload = encode(document)
+            if len(payload) > MAX_MESSAGE_SIZE:
+                raise TooLargeError(
+                    f"the encoded document is {len(payload)} bytes, the limit is "
+                    f"{MAX_MESSAGE_SIZE}",
+                )
+            shift_no = getattr(getattr(document, "body", None), "shift_no", None)
+            await db.execute(
+                _INSERT, (document.seq, document.doc_id, document.type, now, shift_no, payload, now)
+            )
+            submitted = Submitted(document.seq, document.doc_id, document.type)
+            await write(db, submitted)
+            await db.execute(_SET_COUNTER, (document.seq, "last_seq"))
+            await db.execute(_ADD_COUNTER, (1, "pending"))
+            await db.execute("COMMIT")
+        except BaseException:
+            await rollback(db)
+            raise
+        self._counts = Counts(
+            document.seq, counts.pending + 1, counts.acknowledged, counts.rejected
+        )
+        return submitted
+
     async def _write(self, batch: Sequence[_Request]) -> None:
         db = self._store.db
         counts = self._counts
@@ -226,7 +281,7 @@ class Outbox:
             await db.execute(_ADD_COUNTER, (len(rows), "pending"))
             await db.execute("COMMIT")
         except BaseException as exc:
-            await _rollback(db)
+            await rollback(db)
             for request, _ in accepted:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -320,7 +375,7 @@ class Outbox:
             await db.execute(_ADD_COUNTER, (rejected, "rejected"))
             await db.execute("COMMIT")
         except BaseException:
-            await _rollback(db)
+            await rollback(db)
             raise
         c = self._counts
         self._counts = Counts(
@@ -352,12 +407,5 @@ class Outbox:
                 await db.executemany(sql, params)
             await db.execute("COMMIT")
         except BaseException:
-            await _rollback(db)
+            await rollback(db)
             raise
-
-
-async def _rollback(db: Any) -> None:
-    try:
-        await db.execute("ROLLBACK")
-    except Exception:  # no transaction open: nothing to undo
-        pass

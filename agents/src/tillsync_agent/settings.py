@@ -40,6 +40,17 @@ class AgentSettings(BaseSettings):
     sweep_interval_s: float = Field(6 * 3600.0, gt=0)
     """Every this often, everything not yet acknowledged is published again (seeds: 6–12 h)."""
     max_in_flight: int = Field(1000, ge=1, le=100_000)
+
+    labels: list[str] = []
+    """Labels of this register: it keeps only items with no labels or sharing one of these."""
+    delta_page_size: int = Field(1000, ge=1, le=5000)
+    """Changes per ``delta_page`` asked of central."""
+    delta_timeout_s: float = Field(30.0, gt=0)
+    """Longest wait for the next reply (page or end) of a delta or reinit request."""
+    catalog_check_interval_s: float = Field(300.0, gt=0)
+    """Every this often, a delta request checks that nothing was missed."""
+    catalog_queue_size: int = Field(1000, ge=1, le=1_000_000)
+    """Changes queued per ``catalog_changes()`` subscriber; a slow one loses the oldest."""
     log_format: str = Field("console", pattern="^(console|json)$")
     log_level: str = "info"
 

@@ -2,25 +2,39 @@
 
 Exactly one connection writes (SQLite 3.40's WAL-reset bug needs two writers, and one
 writer makes ``seq`` trivially dense). A lock file next to the database makes a second
-writer process fail fast instead of racing. Readers (``tillsync-agent status``) open the
-file read-only.
+writer process fail fast instead of racing. Within the process, every write transaction
+(outbox, catalog replica, sync history) runs under :attr:`Store.write_lock`, so they never
+interleave on the one connection. Readers (``tillsync-agent status``, the replica's query
+API) open the file read-only and see committed snapshots only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import aiosqlite
 
 from tillsync_protocol import ConfigError
 
-__all__ = ["SCHEMA_VERSION", "Store", "StoreLockedError", "open_readonly"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "Store",
+    "StoreLockedError",
+    "open_readonly",
+    "open_readonly_async",
+    "rollback",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -54,6 +68,59 @@ CREATE TABLE IF NOT EXISTS agent_state (
     key   TEXT PRIMARY KEY,
     value TEXT
 );
+
+-- The catalog replica (docs/catalog.md, "Register replica schema"). Read-only for POS apps.
+CREATE TABLE IF NOT EXISTS catalog (
+    entity     TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    scope      TEXT    NOT NULL,                -- 'global' or this register's center
+    version    INTEGER NOT NULL,                -- central's version of the row
+    scope_seq  INTEGER NOT NULL,                -- changelog position of its latest change
+    state      TEXT    NOT NULL,                -- JSON object
+    local_edit INTEGER NOT NULL DEFAULT 0 CHECK (local_edit IN (0, 1)),
+    PRIMARY KEY (entity, key, scope)
+);
+CREATE TABLE IF NOT EXISTS catalog_cursors (
+    scope TEXT PRIMARY KEY,
+    seq   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS item_barcodes (
+    barcode  TEXT PRIMARY KEY,
+    item_key TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS item_barcodes_item ON item_barcodes (item_key);
+-- The shadow of a delta or reinit in progress: pages land here as they arrive, each in
+-- its own short transaction, and are applied (or, for a replace, swapped in) with the
+-- new cursors in one transaction at delta_end. Rows of an interrupted run are cleared
+-- when the next one starts, so a kill midway leaves the catalog as it was.
+CREATE TABLE IF NOT EXISTS catalog_shadow (
+    request_id TEXT    NOT NULL,
+    page_no    INTEGER NOT NULL,
+    idx        INTEGER NOT NULL,
+    entity     TEXT    NOT NULL,
+    key        TEXT    NOT NULL,
+    scope      TEXT    NOT NULL,
+    op         TEXT    NOT NULL CHECK (op IN ('upsert', 'delete')),
+    version    INTEGER NOT NULL,
+    scope_seq  INTEGER NOT NULL,
+    state      TEXT,
+    kept       INTEGER NOT NULL CHECK (kept IN (0, 1)),  -- 0: filtered out by labels
+    PRIMARY KEY (request_id, page_no, idx)
+);
+CREATE INDEX IF NOT EXISTS catalog_shadow_key
+    ON catalog_shadow (request_id, entity, key, scope, scope_seq);
+-- Every catalog delta and reinit (and later document syncs), with its result.
+CREATE TABLE IF NOT EXISTS sync_runs (
+    id          INTEGER PRIMARY KEY,
+    kind        TEXT    NOT NULL CHECK (kind IN ('documents', 'catalog_delta', 'reinit')),
+    started_at  INTEGER NOT NULL,               -- ms since epoch
+    finished_at INTEGER,                        -- NULL while running (or if killed)
+    result      TEXT CHECK (result IN ('successful', 'partially_successful', 'failed')),
+    sent        INTEGER NOT NULL DEFAULT 0,
+    received    INTEGER NOT NULL DEFAULT 0,
+    errors      TEXT    NOT NULL DEFAULT '[]',  -- JSON list of strings
+    detail      TEXT                            -- JSON object: trigger, mode, cursors…
+);
 """
 
 
@@ -68,6 +135,8 @@ class Store:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
+        self.write_lock = asyncio.Lock()
+        """Held by every write transaction on :attr:`db` (the outbox's and :meth:`write`)."""
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -99,6 +168,35 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    async def write(
+        self,
+        work: Callable[[aiosqlite.Connection], Awaitable[T]],
+        after: Callable[[T], None] | None = None,
+    ) -> T:
+        """Run ``work(db)`` in one ``BEGIN IMMEDIATE`` … ``COMMIT`` under :attr:`write_lock`
+        (rolled back on any error), then ``after(result)``.
+
+        It runs to completion even if the caller is cancelled, as the outbox's writes do: a
+        cancellation between COMMIT and ``after`` (which updates what is kept in memory)
+        would leave memory behind the database.
+        """
+
+        async def locked() -> T:
+            async with self.write_lock:
+                db = self.db
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await work(db)
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await rollback(db)
+                    raise
+                if after is not None:
+                    after(result)
+                return result
+
+        return await asyncio.shield(locked())
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self
@@ -126,8 +224,22 @@ def _take_lock(path: Path) -> int:
     return fd
 
 
+async def rollback(db: aiosqlite.Connection) -> None:
+    try:
+        await db.execute("ROLLBACK")
+    except Exception:  # no transaction open: nothing to undo
+        pass
+
+
 def open_readonly(path: Path) -> sqlite3.Connection:
     """A read-only connection for status queries from another process."""
     if not path.exists():
         raise ConfigError(f"no agent database at {path}", field="data_dir")
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+async def open_readonly_async(path: Path) -> aiosqlite.Connection:
+    """A read-only connection (it sees committed snapshots only; never a second writer)."""
+    if not path.exists():  # noqa: ASYNC240 - one stat, before the connection's thread exists
+        raise ConfigError(f"no agent database at {path}", field="data_dir")
+    return await aiosqlite.connect(f"file:{path}?mode=ro", uri=True)

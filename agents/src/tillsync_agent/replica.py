@@ -1,0 +1,390 @@
+"""The catalog replica: central's catalog as this register keeps it (docs/catalog.md).
+
+Writes go through the store's one writer connection under its write lock, as the outbox's
+do; reads (inherited from :class:`CatalogReader`) use a read-only connection, so a POS app
+only ever sees committed states, each a consistent snapshot of some central version.
+
+* A real-time change is applied with its scope's cursor in one transaction when its
+  ``scope_seq`` is the cursor + 1; an older one is a duplicate; a newer one is a gap, which
+  the caller answers with a delta request.
+* A delta or reinit is staged page by page in ``catalog_shadow`` and applied (or, for a
+  replace, swapped in) with the new cursors in one transaction at ``delta_end``. A kill
+  before that commit leaves the old catalog as it was; the next run clears the shadow.
+* A row is only ever replaced by central's state of the same or a later ``scope_seq``,
+  so partial syncs and late real-time changes never roll a row back.
+* Items whose labels share none of this register's are not kept (deleted if present); the
+  cursor advances over them all the same.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+from tillsync_protocol import GLOBAL_SCOPE, CatalogChangeBody, DeltaPageBody, TillsyncError
+from tillsync_protocol.control import CatalogValue
+
+from .catalog_events import CatalogEvent, CatalogEvents, CatalogSubscription, EventSource
+from .catalog_reader import CatalogReader, entry_of
+from .outbox import Outbox, Submitted
+from .store import Store
+
+__all__ = ["Applied", "ApplyMode", "ApplyStatus", "Replica", "UnknownItemError"]
+
+ApplyStatus = Literal["applied", "duplicate", "gap", "ignored"]
+ApplyMode = Literal["delta", "update", "replace"]
+
+_CURSOR = "SELECT seq FROM catalog_cursors WHERE scope = ?"
+_SET_CURSOR = """
+INSERT INTO catalog_cursors (scope, seq) VALUES (?, ?)
+ON CONFLICT (scope) DO UPDATE SET seq = excluded.seq
+"""
+# Central's state wins over ours when it is at least as new (that clears local_edit).
+_UPSERT = """
+INSERT INTO catalog (entity, key, scope, version, scope_seq, state, local_edit)
+VALUES (?, ?, ?, ?, ?, ?, 0)
+ON CONFLICT (entity, key, scope) DO UPDATE SET version = excluded.version,
+    scope_seq = excluded.scope_seq, state = excluded.state, local_edit = 0
+WHERE excluded.scope_seq >= catalog.scope_seq
+"""
+_DELETE = "DELETE FROM catalog WHERE entity = ? AND key = ? AND scope = ? AND scope_seq <= ?"
+_ITEM_FOR_EDIT = """
+SELECT entity, key, scope, version, scope_seq, state, local_edit FROM catalog
+WHERE entity = 'items' AND key = ? AND scope IN (?, 'global') ORDER BY scope = 'global' LIMIT 1
+"""
+_LOCAL_EDIT = """
+UPDATE catalog SET state = ?, local_edit = 1 WHERE entity = 'items' AND key = ? AND scope = ?
+"""
+# Barcodes of some items (a JSON list of keys) are rebuilt from their rows; the center's
+# row is inserted last so that its barcodes win.
+_UNBARCODE = "DELETE FROM item_barcodes WHERE item_key IN (SELECT value FROM json_each(?))"
+_BARCODE_SELECT = """
+INSERT OR REPLACE INTO item_barcodes (barcode, item_key)
+SELECT b.value, c.key FROM catalog AS c, json_each(c.state, '$.barcodes') AS b
+WHERE c.entity = 'items' AND b.type = 'text' {where}
+ORDER BY c.scope <> 'global', c.key
+"""
+_BARCODES_OF = _BARCODE_SELECT.format(where="AND c.key IN (SELECT value FROM json_each(?))")
+_BARCODES_ALL = _BARCODE_SELECT.format(where="")
+
+_CLEAR_SHADOW = "DELETE FROM catalog_shadow"
+_STAGE = """
+INSERT OR IGNORE INTO catalog_shadow
+    (request_id, page_no, idx, entity, key, scope, op, version, scope_seq, state, kept)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_SHADOW_COUNT = "SELECT COUNT(*) FROM catalog_shadow WHERE request_id = ?"
+# Should a key come twice in one answer, only its latest change counts.
+_SHADOW_DEDUPE = """
+DELETE FROM catalog_shadow AS s WHERE request_id = ? AND EXISTS (
+    SELECT 1 FROM catalog_shadow AS t WHERE t.request_id = s.request_id
+        AND t.entity = s.entity AND t.key = s.key AND t.scope = s.scope
+        AND (t.scope_seq, t.page_no, t.idx) > (s.scope_seq, s.page_no, s.idx))
+"""
+# What applying a delta will change (for the notifications), before applying it.
+_SHADOW_EFFECTS = """
+SELECT s.entity, s.key, s.scope, s.op = 'upsert' AND s.kept = 1, s.version
+FROM catalog_shadow AS s LEFT JOIN catalog AS c
+    ON c.entity = s.entity AND c.key = s.key AND c.scope = s.scope
+WHERE s.request_id = ? AND (c.scope_seq IS NULL OR s.scope_seq >= c.scope_seq)
+    AND NOT ((s.op = 'delete' OR s.kept = 0) AND c.key IS NULL)
+ORDER BY s.page_no, s.idx
+"""
+_SHADOW_DELETE = """
+DELETE FROM catalog WHERE EXISTS (
+    SELECT 1 FROM catalog_shadow AS s WHERE s.request_id = ? AND (s.op = 'delete' OR s.kept = 0)
+        AND s.entity = catalog.entity AND s.key = catalog.key AND s.scope = catalog.scope
+        AND s.scope_seq >= catalog.scope_seq)
+"""
+_SHADOW_UPSERT = """
+INSERT INTO catalog (entity, key, scope, version, scope_seq, state, local_edit)
+SELECT entity, key, scope, version, scope_seq, state, 0 FROM catalog_shadow
+WHERE request_id = ? AND op = 'upsert' AND kept = 1 ORDER BY page_no, idx
+ON CONFLICT (entity, key, scope) DO UPDATE SET version = excluded.version,
+    scope_seq = excluded.scope_seq, state = excluded.state, local_edit = 0
+WHERE excluded.scope_seq >= catalog.scope_seq
+"""
+_SHADOW_ITEM_KEYS = """
+SELECT json_group_array(DISTINCT key) FROM catalog_shadow WHERE request_id = ? AND entity = 'items'
+"""
+_REPLACE_DELETE = "DELETE FROM catalog WHERE entity IN (SELECT value FROM json_each(?))"
+_REPLACE_INSERT = """
+INSERT INTO catalog (entity, key, scope, version, scope_seq, state, local_edit)
+SELECT entity, key, scope, version, scope_seq, state, 0 FROM catalog_shadow
+WHERE request_id = ? AND op = 'upsert' AND kept = 1
+    AND entity IN (SELECT value FROM json_each(?))
+ORDER BY page_no, idx
+"""
+_DROP_SHADOW = "DELETE FROM catalog_shadow WHERE request_id = ?"
+
+
+class UnknownItemError(TillsyncError):
+    """An item edit names an item the replica does not hold."""
+
+    code = "unknown_item"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying a staged delta or reinit did."""
+
+    received: int
+    """Changes staged (after dropping foreign scopes and repeated keys)."""
+    applied: int
+    """Rows that changed: upserted or deleted (for a replace: rows swapped in)."""
+    cursors: dict[str, int]
+    """The cursors after the commit."""
+
+
+def _json(state: Mapping[str, CatalogValue] | None) -> str:
+    return json.dumps(dict(state or {}), ensure_ascii=False, separators=(",", ":"))
+
+
+class Replica(CatalogReader):
+    """The catalog replica of one register: reads (see :class:`CatalogReader`) and writes."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        path: Path,
+        center_id: str,
+        labels: Collection[str] = (),
+        queue_size: int = 1000,
+    ) -> None:
+        super().__init__(path, center_id)
+        self._store = store
+        self.labels = frozenset(labels)
+        self.scopes = (GLOBAL_SCOPE, center_id)
+        self.events = CatalogEvents(queue_size)
+
+    async def close(self) -> None:
+        self.events.close()
+        await super().close()
+
+    # -- notifications ------------------------------------------------------------------
+
+    def subscribe(self, maxsize: int | None = None) -> CatalogSubscription:
+        return self.events.subscribe(maxsize)
+
+    def on_change(self, callback: Callable[[CatalogEvent], None]) -> Callable[[], None]:
+        return self.events.on_change(callback)
+
+    def keeps(self, entity: str, state: Mapping[str, CatalogValue] | None) -> bool:
+        """Whether this register keeps a row: items need no labels or one of ours."""
+        if entity != "items" or state is None:
+            return True
+        labels = state.get("labels")
+        if not isinstance(labels, list) or not labels:
+            return True
+        return any(isinstance(label, str) and label in self.labels for label in labels)
+
+    # -- real-time changes --------------------------------------------------------------
+
+    async def apply_change(self, change: CatalogChangeBody) -> ApplyStatus:
+        """Apply one ``catalog_change``: ``applied`` (with its cursor, in one transaction),
+        ``duplicate`` (already applied), ``gap`` (a delta is needed first; nothing was
+        written) or ``ignored`` (a scope this register does not follow)."""
+        if change.scope not in self.scopes:
+            return "ignored"
+
+        async def work(db: aiosqlite.Connection) -> tuple[ApplyStatus, list[CatalogEvent]]:
+            async with db.execute(_CURSOR, (change.scope,)) as cursor:
+                row = await cursor.fetchone()
+            position = 0 if row is None else int(row[0])
+            if change.scope_seq <= position:
+                return "duplicate", []
+            if change.scope_seq > position + 1:
+                return "gap", []
+            event = await self._write_row(db, change, "change")
+            await db.execute(_SET_CURSOR, (change.scope, change.scope_seq))
+            return "applied", [] if event is None else [event]
+
+        status, _ = await self._store.write(work, after=lambda r: self.events.publish(r[1]))
+        return status
+
+    async def _write_row(
+        self, db: aiosqlite.Connection, change: CatalogChangeBody, source: EventSource
+    ) -> CatalogEvent | None:
+        kept = change.op == "upsert" and self.keeps(change.entity, change.state)
+        where = (change.entity, change.key, change.scope)
+        if kept:
+            cursor = await db.execute(
+                _UPSERT, (*where, change.version, change.scope_seq, _json(change.state))
+            )
+        else:
+            cursor = await db.execute(_DELETE, (*where, change.scope_seq))
+        if cursor.rowcount <= 0:
+            return None
+        if change.entity == "items":
+            await _sync_barcodes(db, [change.key])
+        op: Literal["upsert", "delete"] = "upsert" if kept else "delete"
+        return CatalogEvent(change.entity, change.key, change.scope, op, change.version, source)
+
+    # -- deltas and reinits -------------------------------------------------------------
+
+    async def begin_staging(self) -> None:
+        """Clear the shadow (what an interrupted run left) before a new request."""
+
+        async def clear(db: aiosqlite.Connection) -> None:
+            await db.execute(_CLEAR_SHADOW)
+
+        await self._store.write(clear)
+
+    async def stage(self, request_id: str, page: DeltaPageBody) -> int:
+        """Write one page into the shadow (a redelivered page changes nothing); returns the
+        number of changes of scopes this register does not follow (they are left out)."""
+        rows = [
+            (
+                request_id,
+                page.page_no,
+                idx,
+                c.entity,
+                c.key,
+                c.scope,
+                c.op,
+                c.version,
+                c.scope_seq,
+                None if c.op == "delete" else _json(c.state),
+                int(c.op == "delete" or self.keeps(c.entity, c.state)),
+            )
+            for idx, c in enumerate(page.changes)
+            if c.scope in self.scopes
+        ]
+
+        async def insert(db: aiosqlite.Connection) -> None:
+            await db.executemany(_STAGE, rows)
+
+        await self._store.write(insert)
+        return len(page.changes) - len(rows)
+
+    async def staged(self, request_id: str) -> int:
+        async with (
+            self._store.write_lock,
+            self._store.db.execute(_SHADOW_COUNT, (request_id,)) as cursor,
+        ):
+            row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def apply_staged(
+        self,
+        request_id: str,
+        *,
+        mode: ApplyMode,
+        entities: Collection[str],
+        cursors: Mapping[str, int] | None,
+    ) -> Applied:
+        """Apply the staged answer to ``request_id`` and move the cursors, in one transaction.
+
+        ``delta`` and ``update`` upsert and delete row by row (never rolling a row back);
+        ``replace`` deletes every row of ``entities`` and inserts the staged ones. Cursors
+        are set from ``cursors`` (None: they stay, as after a partial sync).
+        """
+
+        async def work(db: aiosqlite.Connection) -> tuple[Applied, list[CatalogEvent]]:
+            await db.execute(_SHADOW_DEDUPE, (request_id,))
+            async with db.execute(_SHADOW_COUNT, (request_id,)) as cursor:
+                row = await cursor.fetchone()
+            received = 0 if row is None else int(row[0])
+            if mode == "replace":
+                applied, events = await self._swap(db, request_id, sorted(entities))
+            else:
+                applied, events = await self._merge(db, request_id, mode)
+            new_cursors = dict(await self._cursors(db))
+            for scope, seq in (cursors or {}).items():
+                if scope in self.scopes:
+                    await db.execute(_SET_CURSOR, (scope, seq))
+                    new_cursors[scope] = seq
+            await db.execute(_DROP_SHADOW, (request_id,))
+            return Applied(received, applied, new_cursors), events
+
+        result, _ = await self._store.write(work, after=lambda r: self.events.publish(r[1]))
+        return result
+
+    async def _merge(
+        self, db: aiosqlite.Connection, request_id: str, mode: ApplyMode
+    ) -> tuple[int, list[CatalogEvent]]:
+        source: EventSource = "delta" if mode == "delta" else "reinit"
+        async with db.execute(_SHADOW_EFFECTS, (request_id,)) as cursor:
+            events = [
+                CatalogEvent(
+                    str(entity),
+                    str(key),
+                    str(scope),
+                    "upsert" if upsert else "delete",
+                    int(version),
+                    source,
+                )
+                for entity, key, scope, upsert, version in await cursor.fetchall()
+            ]
+        await db.execute(_SHADOW_DELETE, (request_id,))
+        await db.execute(_SHADOW_UPSERT, (request_id,))
+        async with db.execute(_SHADOW_ITEM_KEYS, (request_id,)) as cursor:
+            row = await cursor.fetchone()
+        item_keys = json.loads(row[0]) if row is not None and row[0] else []
+        if item_keys:
+            await _sync_barcodes(db, item_keys)
+        return len(events), events
+
+    async def _swap(
+        self, db: aiosqlite.Connection, request_id: str, entities: list[str]
+    ) -> tuple[int, list[CatalogEvent]]:
+        await db.execute(_REPLACE_DELETE, (json.dumps(entities),))
+        cursor = await db.execute(_REPLACE_INSERT, (request_id, json.dumps(entities)))
+        inserted = max(cursor.rowcount, 0)
+        if "items" in entities:
+            await db.execute("DELETE FROM item_barcodes")
+            await db.execute(_BARCODES_ALL)
+        events = [CatalogEvent(e, None, "*", "reload", None, "reinit") for e in entities]
+        return inserted, events
+
+    async def _cursors(self, db: aiosqlite.Connection) -> dict[str, int]:
+        async with db.execute("SELECT scope, seq FROM catalog_cursors") as cursor:
+            return {str(scope): int(seq) for scope, seq in await cursor.fetchall()}
+
+    # -- item edits ---------------------------------------------------------------------
+
+    async def edit_item(
+        self, outbox: Outbox, item_id: str, changes: Mapping[str, CatalogValue]
+    ) -> Submitted:
+        """Write ``changes`` into the item at once (``local_edit`` = 1) and store an
+        ``item_edit`` document based on the replica's version, in one transaction.
+
+        Raises ``unknown_item`` if the replica has no such item, and the protocol's errors
+        (code, field, reason) if the changes are not a valid ``ItemChanges``; then nothing
+        is written.
+        """
+        found: list[tuple[str, dict[str, CatalogValue]]] = []
+        events: list[CatalogEvent] = []
+
+        async def body(db: aiosqlite.Connection) -> dict[str, object]:
+            async with db.execute(_ITEM_FOR_EDIT, (item_id, self.center_id)) as cursor:
+                row = await cursor.fetchone()
+            if row is None:
+                raise UnknownItemError(f"the catalog has no item {item_id!r}", field="item_id")
+            entry = entry_of(row)
+            found.append((entry.scope, entry.state))
+            return {"item_id": item_id, "base_version": entry.version, "changes": dict(changes)}
+
+        async def write(db: aiosqlite.Connection, submitted: Submitted) -> None:
+            scope, state = found[0]
+            merged = {**state, **{k: v for k, v in changes.items() if v is not None}}
+            await db.execute(_LOCAL_EDIT, (_json(merged), item_id, scope))
+            if "barcodes" in changes:
+                await _sync_barcodes(db, [item_id])
+            events.append(CatalogEvent("items", item_id, scope, "upsert", None, "local_edit"))
+
+        submitted = await outbox.submit_with("item_edit", body, write)
+        self.events.publish(events)
+        return submitted
+
+
+async def _sync_barcodes(db: aiosqlite.Connection, item_keys: list[str]) -> None:
+    keys = json.dumps(item_keys)
+    await db.execute(_UNBARCODE, (keys,))
+    await db.execute(_BARCODES_OF, (keys,))
