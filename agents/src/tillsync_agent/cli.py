@@ -1,4 +1,5 @@
-"""``tillsync-agent``: run the service, submit documents, show status."""
+"""``tillsync-agent``: run the service, submit documents, show status, sync and read the
+catalog."""
 
 from __future__ import annotations
 
@@ -11,42 +12,23 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from tillsync_protocol import TillsyncError
 
+from .catalog_cli import register_catalog_commands
 from .control_socket import request
 from .logs import configure_logging
 from .outbox import Outbox
 from .service import Agent
-from .settings import AgentSettings, load_settings
+from .settings import AgentSettings
 from .store import Store, open_readonly
+from .terminal import ConfigOption, console, err_console
+from .terminal import fail as _fail
+from .terminal import settings_from as _settings
 
 app = typer.Typer(help="tillsync register agent", no_args_is_help=True, add_completion=False)
-console = Console()
-err_console = Console(stderr=True)
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", envvar="TILLSYNC_CONFIG", help="TOML settings file"),
-]
 SUBMIT_CHUNK = 500
-
-
-def _settings(config: Path | None) -> AgentSettings:
-    try:
-        return load_settings(config)
-    except TillsyncError as exc:
-        _fail(exc.to_dict())
-        raise  # unreachable
-
-
-def _fail(error: dict[str, Any], exit_code: int = 2) -> None:
-    err_console.print(
-        f"[red]error[/red] {error['code']} {error.get('field') or ''}: {error['reason']}"
-    )
-    raise typer.Exit(exit_code)
 
 
 @app.command()
@@ -222,6 +204,9 @@ def status(
     ):
         table.add_row(key.replace("_", " "), str(info.get(key)))
     console.print(table)
+
+
+register_catalog_commands(app)
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from tillsync_protocol import Backoff, topology
 
@@ -49,6 +49,11 @@ class Link:
         self._on_message = on_message
         self._backoff = Backoff(settings.reconnect_base_s, settings.reconnect_cap_s)
         self.state = LinkState()
+        self.rpc_exchange: AbstractExchange | None = None
+        """``tillsync.rpc`` on the publish channel (confirms, returns raise) while up."""
+        self.on_up: list[Callable[[], None]] = []
+        """Called once consuming has started and the publish channel is ready."""
+        self.on_down: list[Callable[[], None]] = []
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Stay connected until ``stopping`` is set; never busy-loops."""
@@ -99,16 +104,25 @@ class Link:
             )
             await queue.consume(self._on_message)
             exchange = await publish_channel.get_exchange(topology.DOCS_EXCHANGE, ensure=False)
+            self.rpc_exchange = await publish_channel.get_exchange(
+                topology.RPC_EXCHANGE, ensure=False
+            )
             self.state.connected = True
             self.state.connected_since = now_ms()
             self.state.last_error = None
             self.state.next_retry_in_s = None
             self._backoff.reset()
             log.info("link up", register_id=self._settings.register_id)
+            for callback in self.on_up:
+                callback()
             await self._sender.serve(exchange, closed, stopping)
             if closed.is_set() and not stopping.is_set():
                 raise ConnectionError("connection closed by the broker")
         finally:
+            if self.rpc_exchange is not None:
+                self.rpc_exchange = None
+                for callback in self.on_down:
+                    callback()
             try:
                 await asyncio.wait_for(connection.close(), timeout=5)
             except (TimeoutError, Exception):

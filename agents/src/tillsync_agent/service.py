@@ -1,14 +1,16 @@
 """The agent as one object: ``async with Agent(settings) as agent: await agent.run()``.
 
-It owns the store, the outbox, the link (sender and ack consumer) and the periodic sweep,
-all in one ``asyncio.TaskGroup``. A POS app written in Python embeds it and calls
-:meth:`Agent.submit`; other processes talk to it over its local socket.
+It owns the store, the outbox, the catalog replica, the link (sender and consumer), the
+catalog sync and the periodic sweep, all in one ``asyncio.TaskGroup``. A POS app written
+in Python embeds it and calls :meth:`Agent.submit`, reads the catalog through
+:attr:`Agent.replica` and follows it with :meth:`Agent.catalog_changes`; other processes
+talk to it over its local socket.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from types import TracebackType
 from typing import Any
@@ -16,12 +18,26 @@ from typing import Any
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from tillsync_protocol import Ack, ProtocolError, ResendRequest, decode_control
+from tillsync_protocol import (
+    Ack,
+    CatalogChange,
+    DeltaEnd,
+    DeltaPage,
+    ProtocolError,
+    Reinit,
+    ResendRequest,
+    decode_control,
+)
+from tillsync_protocol.control import CatalogValue
 
 from . import __version__
+from .catalog_events import CatalogEvent, CatalogSubscription
+from .catalog_sync import CatalogSync, ProgressCallback, SyncReport, SyncRequest
 from .control_socket import ControlSocket
+from .history import History
 from .link import Link
 from .outbox import Outbox, Submitted
+from .replica import Replica
 from .sender import Sender
 from .settings import AgentSettings
 from .store import Store
@@ -41,14 +57,35 @@ class Agent:
             center_id=settings.center_id,
             resend_after_ms=int(settings.ack_timeout_s * 1000),
         )
+        self.replica = Replica(
+            self._store,
+            path=settings.database_path,
+            center_id=settings.center_id,
+            labels=settings.labels,
+            queue_size=settings.catalog_queue_size,
+        )
+        """The catalog replica: ``item``, ``item_by_barcode``, ``search``, ``price``, ``get``,
+        ``all`` (read-only, committed snapshots)."""
+        self.history = History(self._store)
         self._sender = Sender(settings, self.outbox)
         self.link = Link(settings, self._sender, self._on_message)
+        self.catalog_sync = CatalogSync(
+            settings, self.replica, self.history, lambda: self.link.rpc_exchange
+        )
+        self.link.on_up.append(self.catalog_sync.link_up)
+        self.link.on_down.append(self.catalog_sync.link_down)
         self._socket = ControlSocket(settings.socket_path, self) if serve_socket else None
         self._stopping = asyncio.Event()
 
     async def __aenter__(self) -> Agent:
         await self._store.open()
-        await self.outbox.load()
+        try:
+            await self.outbox.load()
+            await self.history.load()
+            await self.replica.open()
+        except BaseException:
+            await self._store.close()
+            raise
         return self
 
     async def __aexit__(
@@ -57,6 +94,7 @@ class Agent:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        await self.replica.close()
         await self._store.close()
 
     async def submit(self, doc_type: str, body: Mapping[str, Any]) -> Submitted:
@@ -87,6 +125,7 @@ class Agent:
         async with asyncio.TaskGroup() as group:
             group.create_task(self.link.run(self._stopping))
             group.create_task(self._sweep())
+            group.create_task(self.catalog_sync.run(self._stopping))
             if self._socket is not None:
                 await self._socket.start()
                 group.create_task(self._close_socket_on_stop())
@@ -112,7 +151,67 @@ class Agent:
             "last_successful_send_at": stats.last_success_at,
             "last_error": self.link.state.last_error or stats.last_error,
             "link": asdict(self.link.state),
+            "catalog": self.catalog_status(),
         }
+
+    def catalog_status(self) -> dict[str, Any]:
+        running = self.catalog_sync.running
+        progress = self.catalog_sync.progress
+        last = self.history.last
+        return {
+            "sync_running": None if running is None else asdict(running),
+            "progress": None if progress is None else asdict(progress),
+            "last_sync": None if last is None else last.to_dict(),
+        }
+
+    # -- catalog ----------------------------------------------------------------------------
+
+    def catalog_changes(self, maxsize: int | None = None) -> CatalogSubscription:
+        """``async for event in agent.catalog_changes():`` every replica change committed
+        from now on; a subscriber more than ``maxsize`` (``catalog_queue_size``) behind
+        loses the oldest, counted in ``.dropped``."""
+        return self.replica.subscribe(maxsize)
+
+    def on_change(self, callback: Callable[[CatalogEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` after every replica commit; returns the unsubscriber."""
+        return self.replica.on_change(callback)
+
+    async def edit_item(self, item_id: str, changes: Mapping[str, CatalogValue]) -> Submitted:
+        """Change an item here and now (``local_edit``) and send central an ``item_edit``
+        document based on the replica's version, in one transaction. Central applies it if
+        the item did not change meanwhile; else it rejects it (``edit_conflict``) and the
+        replica converges to central's state by a delta."""
+        submitted = await self.replica.edit_item(self.outbox, item_id, changes)
+        log.info("item edited", item_id=item_id, seq=submitted.seq, doc_id=submitted.doc_id)
+        return submitted
+
+    async def sync_catalog(
+        self, entities: Sequence[str] | None = None, progress: ProgressCallback | None = None
+    ) -> SyncReport:
+        """Ask central for what changed since the cursors (only ``entities`` if given: then
+        the changes are applied and the cursors stay). ``sync_busy`` if a sync runs."""
+        request = SyncRequest(
+            "delta", None if entities is None else tuple(entities), trigger="manual"
+        )
+        return await self.catalog_sync.sync(request, progress)
+
+    async def reinit_catalog(
+        self,
+        mode: str,
+        *,
+        with_customers: bool = True,
+        entities: Sequence[str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> SyncReport:
+        """Reload the catalog from a snapshot: ``update`` upserts it, ``replace`` swaps it in
+        (a kill midway leaves the old catalog). ``sync_busy`` if a sync runs."""
+        request = SyncRequest(
+            mode,  # type: ignore[arg-type]  # checked by SyncRequest
+            None if entities is None else tuple(entities),
+            with_customers,
+            trigger="manual",
+        )
+        return await self.catalog_sync.sync(request, progress)
 
     async def _sweep(self) -> None:
         """Every ``sweep_interval_s``, everything not yet acknowledged is sent again."""
@@ -156,6 +255,15 @@ class Agent:
                     reason=rejection.reason,
                 )
             log.debug("ack", acked=acked, rejected=rejected, pending=self.outbox.counts.pending)
+            if any(r.code == "edit_conflict" for r in control.body.rejected):
+                # Central won: a delta brings its state of the item into the replica.
+                self.catalog_sync.request_delta("edit_conflict")
+        elif isinstance(control, CatalogChange):
+            await self.catalog_sync.on_change(control.body)
+        elif isinstance(control, (DeltaPage, DeltaEnd)):
+            self.catalog_sync.on_reply(control)
+        elif isinstance(control, Reinit):
+            self.catalog_sync.on_reinit_command(control.body)
         elif (
             isinstance(control, ResendRequest)
             and control.body.register_id == self.settings.register_id
@@ -165,6 +273,5 @@ class Agent:
             )
             await self.outbox.make_due(first=control.body.from_seq, last=control.body.to_seq)
         else:
-            # Catalog changes and commands are handled by the catalog replica (issue #5).
             log.debug("message not handled by this agent version", type=control.type)
         await message.ack()
