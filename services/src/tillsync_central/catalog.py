@@ -25,7 +25,7 @@ import asyncpg
 
 from tillsync_protocol import GLOBAL_SCOPE, InvalidValueError, TillsyncError
 
-from .catalog_models import validate_key, validate_state
+from .catalog_models import ENTITY_MODELS, validate_key, validate_state
 from .dead_letters import Conn
 
 __all__ = [
@@ -129,11 +129,17 @@ def scope_order(scope: str) -> tuple[bool, str]:
 
 
 def prepare_edit(
-    scope: str, entity: str, key: str, op: Op = "upsert", state: object = None
+    scope: object, entity: object, key: object, op: object = "upsert", state: object = None
 ) -> Edit:
-    """A checked edit with its canonical state, or a ``TillsyncError`` naming the field."""
+    """A checked edit with its canonical state, or a ``TillsyncError`` naming the field
+    (arguments are typed ``object``: they often come straight from a file)."""
     if not isinstance(scope, str) or not _SCOPE.match(scope):
         raise InvalidValueError(f"{scope!r} is not a scope: 'global' or a center id", field="scope")
+    if not isinstance(entity, str) or entity not in ENTITY_MODELS:
+        raise InvalidValueError(
+            f"{entity!r} is not a catalog entity (one of {', '.join(ENTITY_MODELS)})",
+            field="entity",
+        )
     key = validate_key(entity, key)
     if entity == "centers" and scope != GLOBAL_SCOPE:
         raise CatalogError("centers live in the global scope", field="scope", code="invalid_scope")

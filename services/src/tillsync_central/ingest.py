@@ -59,6 +59,8 @@ class IngestStats:
     acks_published: int = 0
     dead_lettered_by_broker: int = 0
     db_retries: int = 0
+    item_edits_applied: int = 0
+    item_edits_refused: int = 0
 
 
 def delivery_of(message: AbstractIncomingMessage) -> Delivery:
@@ -174,6 +176,8 @@ class IngestWorker(BatchConsumer):
         stats.duplicates += result.duplicates
         stats.conflicts += result.conflicts
         stats.refused += result.refused
+        stats.item_edits_applied += result.item_edits_applied
+        stats.item_edits_refused += result.item_edits_refused
         log.info(
             "batch committed",
             consumer=self.name,
@@ -182,6 +186,8 @@ class IngestWorker(BatchConsumer):
             duplicates=result.duplicates,
             conflicts=result.conflicts,
             refused=result.refused,
+            item_edits_applied=result.item_edits_applied,
+            item_edits_refused=result.item_edits_refused,
         )
 
 

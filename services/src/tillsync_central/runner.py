@@ -1,9 +1,10 @@
 """Running central's workers in one process: ``tillsync-central run``.
 
 Start-up migrates the database and declares the shared topology (both idempotent, so
-several processes may start together), then runs N ingest workers and the dead-letter
-worker in one ``asyncio.TaskGroup`` until SIGTERM or SIGINT. Scaling out is starting
-another process: the workers compete on the same quorum queue.
+several processes may start together), then runs, in one ``asyncio.TaskGroup`` until
+SIGTERM or SIGINT: N ingest workers and the dead-letter worker, the catalog relay (active
+in one process at a time, standby in the others) and M catalog RPC workers. Scaling out
+is starting another process: the workers compete on the same quorum queues.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import aio_pika
 import asyncpg
 import structlog
 
+from .catalog_rpc import CatalogRpcWorker, RpcStats
 from .db import connect, create_pool, migrate
 from .ingest import DeadLetterWorker, IngestStats, IngestWorker
+from .relay import Relay
 from .settings import CentralSettings, redact_url
 from .topology import declare_topology
 
-__all__ = ["IngestService", "declare", "run"]
+__all__ = ["CentralService", "IngestService", "declare", "run"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,43 @@ class IngestService:
                 await worker.connected.wait()
 
 
+class CentralService:
+    """Everything ``tillsync-central run`` runs: ingest, the relay and the catalog RPC."""
+
+    def __init__(
+        self,
+        settings: CentralSettings,
+        pool: asyncpg.Pool,
+        *,
+        workers: int = 1,
+        rpc_workers: int = 1,
+    ) -> None:
+        if rpc_workers < 1:
+            raise ValueError("at least one catalog RPC worker")
+        self.ingest = IngestService(settings, pool, workers=workers)
+        self.relay = Relay(settings)
+        self.rpc_stats = RpcStats()
+        self.rpc_workers = [
+            CatalogRpcWorker(settings, pool, index=i, stats=self.rpc_stats)
+            for i in range(rpc_workers)
+        ]
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Until ``stopping`` is set; each worker reconnects on its own."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.ingest.run(stopping), name="ingest")
+            group.create_task(self.relay.run(stopping), name=self.relay.name)
+            for worker in self.rpc_workers:
+                group.create_task(worker.run(stopping), name=worker.name)
+
+    async def wait_consuming(self, timeout: float) -> None:
+        """Until every consumer consumes (the relay may be a standby: not waited for)."""
+        async with asyncio.timeout(timeout):
+            await self.ingest.wait_consuming(timeout)
+            for worker in self.rpc_workers:
+                await worker.connected.wait()
+
+
 async def declare(settings: CentralSettings) -> None:
     """Declare the shared topology over one short-lived connection."""
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=15)
@@ -66,10 +106,14 @@ async def declare(settings: CentralSettings) -> None:
 
 
 async def run(
-    settings: CentralSettings, *, workers: int = 1, stopping: asyncio.Event | None = None
+    settings: CentralSettings,
+    *,
+    workers: int = 1,
+    rpc_workers: int = 1,
+    stopping: asyncio.Event | None = None,
 ) -> IngestStats:
-    """Migrate, declare, and ingest until SIGTERM/SIGINT (or ``stopping``); returns the
-    counters after a clean stop."""
+    """Migrate, declare, and run every worker until SIGTERM/SIGINT (or ``stopping``);
+    returns the ingest counters after a clean stop."""
     stopping = asyncio.Event() if stopping is None else stopping
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
@@ -85,21 +129,23 @@ async def run(
         log.info(
             "central starting",
             workers=workers,
+            rpc_workers=rpc_workers,
             migrations_applied=applied,
             amqp=redact_url(settings.amqp_url),
             database=redact_url(settings.database_url),
         )
         pool = await create_pool(settings)
         try:
-            service = IngestService(settings, pool, workers=workers)
+            service = CentralService(settings, pool, workers=workers, rpc_workers=rpc_workers)
             await service.run(stopping)
         finally:
             try:
                 await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 pool.terminate()
-        log.info("central stopped", **vars(service.stats))
-        return service.stats
+        log.info("central stopped", **vars(service.ingest.stats))
+        log.info("catalog stopped", **vars(service.rpc_stats), relay=vars(service.relay.stats))
+        return service.ingest.stats
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)

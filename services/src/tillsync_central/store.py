@@ -6,7 +6,9 @@ NOTHING`` (array parameters and ``unnest``: one statement per table, whatever th
 size); classify what was not inserted by comparing content hashes (same bytes: a
 duplicate, acknowledged again; different bytes: a conflict, recorded and rejected, the
 stored document untouched); fill the typed tables (receipts, shifts) for what was new;
-keep refused deliveries as dead letters; advance ``register_state``.
+keep refused deliveries as dead letters; advance ``register_state``; apply the new
+``item_edit`` documents to the catalog (:mod:`tillsync_central.item_edits`), rejecting
+those that lost (``edit_conflict``) now and on every redelivery.
 
 The result says, per register, which seqs to acknowledge and which to reject; nothing is
 acknowledged before the transaction commits (the worker publishes after :func:`store`).
@@ -30,6 +32,7 @@ import structlog
 from tillsync_protocol import (
     ConflictError,
     Document,
+    ItemEdit,
     Rejection,
     TillsyncError,
     to_json,
@@ -38,6 +41,7 @@ from tillsync_protocol import (
 from . import typed_rows
 from .dead_letters import Conn, DeadLetter, insert_dead_letters
 from .intake import Inspection, RegisterRow, attribute, check_register, register_of_user
+from .item_edits import apply_item_edits, previous_refusals
 
 __all__ = ["BatchResult", "is_transient", "store"]
 
@@ -107,6 +111,8 @@ class BatchResult:
     duplicates: int = 0
     conflicts: int = 0
     refused: int = 0
+    item_edits_applied: int = 0
+    item_edits_refused: int = 0
 
     def merge(self, other: BatchResult) -> None:
         for register_id, seqs in other.accepted.items():
@@ -117,6 +123,8 @@ class BatchResult:
         self.duplicates += other.duplicates
         self.conflicts += other.conflicts
         self.refused += other.refused
+        self.item_edits_applied += other.item_edits_applied
+        self.item_edits_refused += other.item_edits_refused
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,7 @@ def _rejection(seq: int, doc_id: str | None, error: TillsyncError) -> Rejection:
 
 async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult) -> None:
     new: list[_Valid] = []
+    duplicates: list[_Valid] = []
     pending = valid
     # One round per repeat depth: a key (or doc_id) that comes twice in a batch is judged
     # in the next round, against what the first round stored. Usually one round.
@@ -257,14 +266,37 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
                 keys.add(item.key)
                 doc_ids.add(item.document.doc_id)
                 round_items.append(item)
-        new.extend(await _store_round(conn, round_items, result))
+        new.extend(await _store_round(conn, round_items, result, duplicates))
         pending = later
     await typed_rows.insert(conn, [item.document for item in new])
     await _advance_state(conn, new)
+    await _settle_item_edits(conn, new, duplicates, result)
 
 
-async def _store_round(conn: Conn, items: list[_Valid], result: BatchResult) -> list[_Valid]:
-    """Insert items of distinct keys and doc_ids; classify the rest; return the new."""
+async def _settle_item_edits(
+    conn: Conn, new: list[_Valid], duplicates: list[_Valid], result: BatchResult
+) -> None:
+    """Apply new item edits; reject those refused now or when first stored."""
+    edits = [item.document for item in new if isinstance(item.document, ItemEdit)]
+    repeats = [item for item in duplicates if isinstance(item.document, ItemEdit)]
+    if not edits and not repeats:
+        return
+    outcome = await apply_item_edits(conn, edits)
+    refused = dict(outcome.refused or {})
+    refused.update(await previous_refusals(conn, [item.key for item in repeats]))
+    doc_ids = {item.key: item.document.doc_id for item in [*new, *repeats]}
+    result.item_edits_applied += outcome.applied
+    result.item_edits_refused += len(refused)
+    for (register_id, seq), error in sorted(refused.items()):
+        result.accepted[register_id].discard(seq)
+        result.rejected[register_id].append(_rejection(seq, doc_ids.get((register_id, seq)), error))
+
+
+async def _store_round(
+    conn: Conn, items: list[_Valid], result: BatchResult, duplicates: list[_Valid]
+) -> list[_Valid]:
+    """Insert items of distinct keys and doc_ids; classify the rest (duplicates appended
+    to ``duplicates``); return the new."""
     items = sorted(items, key=lambda item: item.key)  # one lock order for every worker
     inserted = await _insert_documents(conn, items)
     new = [item for item in items if item.key in inserted]
@@ -286,6 +318,7 @@ async def _store_round(conn: Conn, items: list[_Valid], result: BatchResult) -> 
                 conflicts.append(("doc_id", item, by_doc_id.get(item.document.doc_id, b"")))
             elif existing == item.content_hash:
                 result.duplicates += 1
+                duplicates.append(item)
                 result.accepted[item.document.register_id].add(item.document.seq)
                 log.info("duplicate document acknowledged again", **_ids(item))
             else:
