@@ -25,7 +25,7 @@ from tillsync_agent.history import read_runs
 from tillsync_protocol import ItemEdit
 
 from .catalog import item_state
-from .catalog_responder import CENTER, REGISTER, fake_central
+from .catalog_responder import CENTER, REGISTER, FakeCentral, fake_central
 
 
 async def wait_for(
@@ -304,3 +304,29 @@ async def test_the_cli_syncs_through_the_service_and_reads_the_catalog(
             "catalog_delta",
             "catalog_delta",
         ]
+
+
+async def test_real_time_changes_during_a_sync_are_held_then_rechecked(
+    fresh_vhost: str, tmp_path: Path
+) -> None:
+    async with fake_central(fresh_vhost) as central:
+        central.edit("i-1")
+        async with running_agent(fresh_vhost, tmp_path) as agent:
+            await wait_for(lambda: cursors_are(agent, {"global": 1, CENTER: 0}), "start-up")
+            central.answer_delay = 1.0
+            sync = asyncio.create_task(agent.sync_catalog())
+            await wait_for(lambda: _asked(central, 2), "the delta request")
+            # Committed and published while the delta runs: the delta will cover it.
+            await central.publish(central.edit("i-2"))
+            await asyncio.sleep(0.3)
+            assert await agent.replica.item("i-2") is None  # held, not applied yet
+            report = await sync
+            assert report.cursors == {"global": 2, CENTER: 0}
+            # After the delta, the held change was a duplicate: no gap, no further request.
+            await central.publish(central.edit("i-3"))
+            await wait_for(lambda: cursors_are(agent, {"global": 3, CENTER: 0}), "change 3")
+            assert len(central.requests) == 2
+
+
+async def _asked(central: FakeCentral, n: int) -> bool:
+    return len(central.requests) >= n

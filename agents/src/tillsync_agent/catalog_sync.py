@@ -1,11 +1,5 @@
-"""Catalog sync: real-time changes, and the delta RPC that fills every gap.
-
-The delta RPC is built from the topology and the codec (as aio-pika's ``patterns/rpc.py``
-is built on its core): a ``delta_request`` on ``tillsync.rpc`` with key
-``rpc.<center>.<register>.delta``, ``reply_to`` = the register's queue and
-``correlation_id`` = ``request_id``, published with a confirm; ``delta_page``s and one
-``delta_end`` come back in the register's own queue (``reg.<register>.delta``) and are
-handed here by :meth:`Agent._on_message`.
+"""Catalog sync: real-time changes, and the deltas and reinits (:mod:`delta_rpc`) that
+fill every gap, one at a time, each recorded in ``sync_runs``.
 
 One sync runs at a time, in :meth:`CatalogSync.run`. Deltas asked for automatically (start-
 up, every reconnect, a gap, the periodic check, an ``edit_conflict``) are coalesced into
@@ -24,7 +18,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import aio_pika
 import aiormq
@@ -32,22 +25,22 @@ import structlog
 from aio_pika.abc import AbstractExchange
 
 from tillsync_protocol import (
-    CONTENT_TYPE,
-    CUSTOMER_ENTITIES,
-    ENTITIES,
     Backoff,
     CatalogChangeBody,
     DeltaEnd,
     DeltaPage,
-    DeltaRequest,
-    DeltaRequestBody,
-    InvalidValueError,
     ReinitBody,
     TillsyncError,
-    encode,
-    topology,
 )
 
+from .delta_rpc import (
+    DeltaRpc,
+    NotConnectedError,
+    ProgressCallback,
+    SyncError,
+    SyncProgress,
+    SyncRequest,
+)
 from .history import History, SyncKind, SyncResult
 from .outbox import now_ms
 from .replica import ApplyMode, Replica
@@ -56,6 +49,7 @@ from .settings import AgentSettings
 __all__ = [
     "CatalogSync",
     "NotConnectedError",
+    "ProgressCallback",
     "SyncBusyError",
     "SyncError",
     "SyncProgress",
@@ -75,62 +69,6 @@ class SyncBusyError(TillsyncError):
     """A sync was asked for while another one runs."""
 
     code = "sync_busy"
-
-
-class NotConnectedError(TillsyncError):
-    """A sync needs the broker and the link is down."""
-
-    code = "not_connected"
-
-
-class SyncError(TillsyncError):
-    """A delta or reinit that did not complete (central's ``error_code``, a timeout, missing
-    pages); its code is central's or ``sync_failed``."""
-
-    code = "sync_failed"
-
-
-@dataclass(frozen=True)
-class SyncRequest:
-    """What to ask central for: ``mode`` ``delta`` (changes after the cursors), ``update``
-    or ``replace`` (a snapshot, upserted or swapped in)."""
-
-    mode: ApplyMode = "delta"
-    entities: tuple[str, ...] | None = None
-    with_customers: bool = True
-    trigger: str = "manual"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("delta", "update", "replace"):
-            raise InvalidValueError(f"unknown sync mode {self.mode!r}", field="mode")
-        unknown = sorted(set(self.entities or ()) - set(ENTITIES))
-        if unknown:
-            raise InvalidValueError(
-                f"unknown catalog entities {unknown}; known: {', '.join(ENTITIES)}",
-                field="entities",
-            )
-
-    @property
-    def kind(self) -> SyncKind:
-        return "catalog_delta" if self.mode == "delta" else "reinit"
-
-    @property
-    def complete(self) -> bool:
-        """Whether the answer covers every entity, so the cursors may move to its end."""
-        return self.entities is None and self.with_customers
-
-    def replaced(self) -> list[str]:
-        """Entities a replace swaps (all it asked for)."""
-        chosen = self.entities if self.entities is not None else ENTITIES
-        return [e for e in chosen if self.with_customers or e not in CUSTOMER_ENTITIES]
-
-
-@dataclass
-class SyncProgress:
-    phase: Literal["requesting", "receiving", "applying", "done"] = "requesting"
-    pages: int = 0
-    received: int = 0
-    applied: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,9 +93,6 @@ class SyncReport:
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "nothing_new": self.nothing_new}
-
-
-ProgressCallback = Callable[[SyncProgress], None]
 
 
 @dataclass
@@ -188,7 +123,7 @@ class CatalogSync:
         self._seen_commands: deque[str] = deque(maxlen=64)
         self._wake = asyncio.Event()
         self._link_lost = asyncio.Event()
-        self._replies: dict[str, asyncio.Queue[DeltaPage | DeltaEnd]] = {}
+        self._rpc = DeltaRpc(settings, replica, self._link_lost)
         self._holding = False
         self._held: list[CatalogChangeBody] = []
         self._held_overflow = False
@@ -268,11 +203,7 @@ class CatalogSync:
             await self._apply(change)
 
     def on_reply(self, reply: DeltaPage | DeltaEnd) -> None:
-        queue = self._replies.get(reply.body.request_id)
-        if queue is None:
-            log.debug("reply to a request no longer waited for", request_id=reply.body.request_id)
-            return
-        queue.put_nowait(reply)
+        self._rpc.on_reply(reply)
 
     async def _apply(self, change: CatalogChangeBody) -> None:
         status = await self._replica.apply_change(change)
@@ -371,8 +302,6 @@ class CatalogSync:
             errors.append(_describe(exc))
             if not isinstance(exc, (TillsyncError, TimeoutError, aiormq.exceptions.AMQPError)):
                 log.exception("catalog sync failed unexpectedly", request_id=request_id)
-        finally:
-            self._replies.pop(request_id, None)
         result: SyncResult = "successful"
         if not completed:
             result = "failed"
@@ -425,133 +354,27 @@ class CatalogSync:
         exchange = self._rpc_exchange()
         if exchange is None:
             raise NotConnectedError("the link to the broker is down; the sync needs it")
-        await self._replica.begin_staging()
-        replies: asyncio.Queue[DeltaPage | DeltaEnd] = asyncio.Queue()
-        self._replies[request_id] = replies
-        await self._publish(exchange, request, request_id, cursors)
-        _notify(job, progress)
-        end = await self._collect(job, request_id, replies, progress, errors)
+        try:
+            end, foreign = await self._rpc.fetch(
+                exchange, request, request_id, cursors, progress, lambda: _notify(job, progress)
+            )
+        except SyncError as exc:
+            if exc.code == "cursor_ahead":
+                # Our cursors come from another central database: only a snapshot helps.
+                self._wanted_replace = True
+            raise
+        if foreign:
+            errors.append(f"{foreign} change(s) of scopes this register does not follow left out")
         progress.phase = "applying"
         _notify(job, progress)
         applied = await self._replica.apply_staged(
             request_id,
             mode=request.mode,
             entities=request.replaced(),
-            cursors=end.body.cursors if request.complete else None,
+            cursors=end.cursors if request.complete else None,
         )
         progress.applied = applied.applied
         return applied.cursors
-
-    async def _publish(
-        self,
-        exchange: AbstractExchange,
-        request: SyncRequest,
-        request_id: str,
-        cursors: dict[str, int],
-    ) -> None:
-        settings = self._settings
-        delta = request.mode == "delta"
-        body = DeltaRequestBody.model_validate(
-            {
-                "request_id": request_id,
-                "register_id": settings.register_id,
-                "center_id": settings.center_id,
-                "mode": "delta" if delta else "snapshot",
-                "cursors": {s: cursors.get(s, 0) for s in self._replica.scopes} if delta else {},
-                "entities": None if request.entities is None else list(request.entities),
-                "with_customers": request.with_customers,
-                "page_size": settings.delta_page_size,
-            }
-        )
-        message = DeltaRequest(msg_id=str(uuid.uuid4()), created_at=now_ms(), body=body)
-        # Routing key of requests to central: rpc.<center>.<register>.<name> (topology.py).
-        key = f"rpc.{settings.center_id}.{settings.register_id}.delta"
-        confirm = await exchange.publish(
-            aio_pika.Message(
-                encode(message),
-                content_type=CONTENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message.msg_id,
-                type=message.type,
-                user_id=settings.broker_user,
-                correlation_id=request_id,
-                reply_to=topology.register_queue(settings.register_id),
-                app_id="tillsync-agent",
-            ),
-            key,
-            mandatory=True,
-            timeout=settings.publish_timeout_s,
-        )
-        if not isinstance(confirm, aiormq.spec.Basic.Ack):
-            raise SyncError(f"the broker did not confirm the delta request ({confirm!r})")
-        log.info(
-            "delta requested",
-            request_id=request_id,
-            mode=message.body.mode,
-            trigger=request.trigger,
-            cursors=message.body.cursors,
-        )
-
-    async def _collect(
-        self,
-        job: _Job,
-        request_id: str,
-        replies: asyncio.Queue[DeltaPage | DeltaEnd],
-        progress: SyncProgress,
-        errors: list[str],
-    ) -> DeltaEnd:
-        timeout = self._settings.delta_timeout_s
-        pages: set[int] = set()
-        foreign = 0
-        while True:
-            reply = await self._next_reply(replies, timeout)
-            if isinstance(reply, DeltaPage):
-                if reply.body.page_no in pages:
-                    continue  # redelivered
-                pages.add(reply.body.page_no)
-                foreign += await self._replica.stage(request_id, reply.body)
-                progress.phase = "receiving"
-                progress.pages = len(pages)
-                progress.received += len(reply.body.changes)
-                _notify(job, progress)
-                continue
-            end = reply.body
-            if end.error_code == "cursor_ahead":
-                # Our cursors come from another central database: only a snapshot helps.
-                self._wanted_replace = True
-            if end.error_code is not None:
-                raise SyncError(
-                    end.error_reason or "central refused the request", code=end.error_code
-                )
-            if len(pages) != end.pages or progress.received != end.changes:
-                raise SyncError(
-                    f"incomplete answer: {len(pages)} of {end.pages} pages, "
-                    f"{progress.received} of {end.changes} changes"
-                )
-            if foreign:
-                errors.append(
-                    f"{foreign} change(s) of scopes this register does not follow left out"
-                )
-            return reply
-
-    async def _next_reply(
-        self, replies: asyncio.Queue[DeltaPage | DeltaEnd], timeout: float
-    ) -> DeltaPage | DeltaEnd:
-        getter = asyncio.ensure_future(replies.get())
-        lost = asyncio.ensure_future(self._link_lost.wait())
-        try:
-            done, _ = await asyncio.wait(
-                (getter, lost), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            lost.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter in done:
-            return getter.result()
-        if lost in done:
-            raise NotConnectedError("the link to the broker went down during the sync")
-        raise TimeoutError(f"no reply from central within {timeout:g} s")
 
     async def _release_held(self) -> None:
         """Re-check the real-time changes held during the sync, in order."""
