@@ -263,14 +263,6 @@ class Replica(CatalogReader):
         await self._store.write(insert)
         return len(page.changes) - len(rows)
 
-    async def staged(self, request_id: str) -> int:
-        async with (
-            self._store.write_lock,
-            self._store.db.execute(_SHADOW_COUNT, (request_id,)) as cursor,
-        ):
-            row = await cursor.fetchone()
-        return 0 if row is None else int(row[0])
-
     async def apply_staged(
         self,
         request_id: str,
