@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import resources
+
 import aio_pika
 import asyncpg
 import httpx
@@ -133,6 +135,13 @@ async def test_databases_are_isolated_and_dropped(
     assert not await _database_exists(services, first_name)
 
 
+MIGRATIONS = sorted(
+    path.name.removesuffix(".sql")
+    for path in resources.files("tillsync_central.db.migrations").iterdir()
+    if path.name.endswith(".sql")
+)
+
+
 async def test_fresh_database_is_migrated(fresh_database: str, database_url: str) -> None:
     assert fresh_database != database_url
     for dsn in (fresh_database, database_url):
@@ -141,4 +150,4 @@ async def test_fresh_database_is_migrated(fresh_database: str, database_url: str
             names = [row["name"] for row in await conn.fetch("SELECT name FROM schema_migrations")]
         finally:
             await conn.close()
-        assert names == ["0001_documents"]
+        assert names == MIGRATIONS

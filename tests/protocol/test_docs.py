@@ -89,12 +89,34 @@ def test_errors_md_lists_every_code_of_the_system() -> None:
     }
     assert library_codes - {"error", "protocol_error"} <= set(documented)
     assert set(documented) >= INGEST_CODES
+    classes_by_name = {cls.__name__: cls for cls in _all_error_classes()}
     for code, row in documented.items():
         class_name = ticked(row[1])[0]
-        cls = getattr(errors, class_name)
+        cls = getattr(errors, class_name, None) or classes_by_name.get(class_name)
+        assert cls is not None, f"{code} is documented with {class_name}, which does not exist"
         assert issubclass(cls, TillsyncError)
+        explicit = re.search(r"\(code `([a-z_]+)`\)", row[1])
         if code not in INGEST_CODES - {"conflict"}:
-            assert cls.code == code, f"{code} is documented with {class_name}"
+            expected = explicit.group(1) if explicit else cls.code
+            assert expected == code, f"{code} is documented with {class_name}"
+
+
+def _all_error_classes() -> list[type[TillsyncError]]:
+    """Every TillsyncError subclass of the three packages (their modules imported first)."""
+    import importlib
+    import pkgutil
+
+    for package_name in ("tillsync_protocol", "tillsync_agent", "tillsync_central"):
+        package = importlib.import_module(package_name)
+        for module in pkgutil.walk_packages(package.__path__, f"{package_name}."):
+            importlib.import_module(module.name)
+    found: list[type[TillsyncError]] = []
+    pending: list[type[TillsyncError]] = [TillsyncError]
+    while pending:
+        cls = pending.pop()
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
 
 
 def test_protocol_md_names_the_ingest_codes() -> None:
