@@ -125,6 +125,18 @@ def _run_sync(settings: AgentSettings, message: dict[str, Any]) -> None:
                 }
             )
             return
+        except ConnectionError:
+            # The service died (or was stopped) before answering: not a crash of ours.
+            _fail(
+                {
+                    "code": "not_running",
+                    "field": "",
+                    "reason": "the agent service stopped before the sync finished; the "
+                    "catalog is either fully updated or as it was (tillsync-agent history "
+                    "shows which): start the service and run the command again",
+                }
+            )
+            return
     report = reply.get("report")
     if not isinstance(report, dict):
         _fail(reply.get("error") or {"code": "error", "reason": f"unexpected reply {reply}"})
