@@ -125,6 +125,23 @@ async def test_labels_filter_items_and_the_cursor_still_advances(tmp_path: Path)
         assert await replica.get("settings", "k") is not None
 
 
+async def test_a_register_without_labels_keeps_labelled_items(tmp_path: Path) -> None:
+    db = tmp_path / "a.db"
+    async with open_replica(db) as (_, replica, _):
+        await replica.apply_change(change(1, "plain", item_state()))
+        await replica.apply_change(change(2, "fuel", item_state(labels=["fuel"], barcodes=["9"])))
+        request_id = new_request_id()
+        await replica.stage(request_id, pages([change(3, "bar", item_state(labels=["bar"]))], 1,
+                                              request_id)[0])  # fmt: skip
+        await replica.apply_staged(
+            request_id, mode="delta", entities=ENTITIES, cursors={"global": 3}
+        )
+        assert catalog_keys(db) == ["bar", "fuel", "plain"]
+        found = await replica.item_by_barcode("9")
+        assert found is not None
+        assert found.key == "fuel"
+
+
 async def test_center_price_overrides_the_global_price(tmp_path: Path) -> None:
     async with open_replica(tmp_path / "a.db") as (_, replica, _):
         await replica.apply_change(change(1, "i-1", item_state(price=1000)))

@@ -176,8 +176,9 @@ class Replica(CatalogReader):
         return self.events.on_change(callback)
 
     def keeps(self, entity: str, state: Mapping[str, CatalogValue] | None) -> bool:
-        """Whether this register keeps a row: items need no labels or one of ours."""
-        if entity != "items" or state is None:
+        """Whether this register keeps a row: a register configured with labels keeps
+        only items with no labels or one of its own; one without labels keeps them all."""
+        if entity != "items" or state is None or not self.labels:
             return True
         labels = state.get("labels")
         if not isinstance(labels, list) or not labels:
