@@ -42,8 +42,9 @@ TABLES = {
     "catalog_changelog",
     "relay_positions",
     "catalog_conflicts",
+    "register_presence",
 }
-ALL = ["0001_documents", "0002_catalog"]
+ALL = ["0001_documents", "0002_catalog", "0003_presence"]
 
 
 @pytest.fixture
@@ -112,6 +113,7 @@ async def test_an_edited_applied_migration_is_refused(
     assert [s.state for s in await migration_status(empty_database, migrations_copy)] == [
         "changed",
         "applied",
+        "applied",
     ]
 
 
@@ -137,12 +139,13 @@ async def test_a_failing_migration_is_rolled_back_whole(
 
     assert caught.value.code == "migration_failed"
     assert caught.value.field == "0099_broken"
-    # 0001 and 0002 committed in their own transactions; 0099 left nothing behind.
+    # 0001 to 0003 committed in their own transactions; 0099 left nothing behind.
     assert "half_done" not in await _tables(empty_database)
     statuses = await migration_status(empty_database, migrations_copy)
     assert [(s.name, s.state) for s in statuses] == [
         ("0001_documents", "applied"),
         ("0002_catalog", "applied"),
+        ("0003_presence", "applied"),
         ("0099_broken", "pending"),
     ]
 
@@ -272,7 +275,10 @@ async def test_cli_migrates_then_reports_up_to_date(empty_database: str) -> None
     env = {**_clean_env(), "TILLSYNC_DATABASE_URL": empty_database}
 
     code, out, err = await _run_cli("migrate", env=env)
-    assert (code, out) == (0, "applied 0001_documents\napplied 0002_catalog\n"), err
+    assert (code, out) == (
+        0,
+        "applied 0001_documents\napplied 0002_catalog\napplied 0003_presence\n",
+    ), err
     assert "migrated" in err
     assert f":{urlsplit(empty_database).password}@" not in err  # passwords are masked
 
@@ -290,7 +296,10 @@ async def test_cli_reads_a_config_file(empty_database: str, tmp_path: Path) -> N
     config.write_text(f'database_url = "{empty_database}"\nlog_format = "json"\n')
 
     code, out, err = await _run_cli("migrate", "--config", str(config), env=_clean_env())
-    assert (code, out) == (0, "applied 0001_documents\napplied 0002_catalog\n"), err
+    assert (code, out) == (
+        0,
+        "applied 0001_documents\napplied 0002_catalog\napplied 0003_presence\n",
+    ), err
     assert '"event": "migrated"' in err
 
 

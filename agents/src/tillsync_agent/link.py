@@ -51,6 +51,8 @@ class Link:
         self.state = LinkState()
         self.rpc_exchange: AbstractExchange | None = None
         """``tillsync.rpc`` on the publish channel (confirms, returns raise) while up."""
+        self.presence_exchange: AbstractExchange | None = None
+        """``tillsync.presence`` on the same channel while up (heartbeats)."""
         self.on_up: list[Callable[[], None]] = []
         """Called once consuming has started and the publish channel is ready."""
         self.on_down: list[Callable[[], None]] = []
@@ -107,6 +109,9 @@ class Link:
             self.rpc_exchange = await publish_channel.get_exchange(
                 topology.RPC_EXCHANGE, ensure=False
             )
+            self.presence_exchange = await publish_channel.get_exchange(
+                topology.PRESENCE_EXCHANGE, ensure=False
+            )
             self.state.connected = True
             self.state.connected_since = now_ms()
             self.state.last_error = None
@@ -119,6 +124,7 @@ class Link:
             if closed.is_set() and not stopping.is_set():
                 raise ConnectionError("connection closed by the broker")
         finally:
+            self.presence_exchange = None
             if self.rpc_exchange is not None:
                 self.rpc_exchange = None
                 for callback in self.on_down:

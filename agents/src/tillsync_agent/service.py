@@ -34,6 +34,7 @@ from . import __version__
 from .catalog_events import CatalogEvent, CatalogSubscription
 from .catalog_sync import CatalogSync, ProgressCallback, SyncReport, SyncRequest
 from .control_socket import ControlSocket
+from .heartbeat import Heartbeats
 from .history import History
 from .link import Link
 from .outbox import Outbox, Submitted
@@ -74,6 +75,15 @@ class Agent:
         )
         self.link.on_up.append(self.catalog_sync.link_up)
         self.link.on_down.append(self.catalog_sync.link_down)
+        self.heartbeats = Heartbeats(
+            settings,
+            self.outbox,
+            self.replica,
+            self.history,
+            exchange=lambda: self.link.presence_exchange,
+            last_error=lambda: self.link.state.last_error or self._sender.stats.last_error,
+        )
+        self.link.on_up.append(self.heartbeats.link_up)
         self._socket = ControlSocket(settings.socket_path, self) if serve_socket else None
         self._stopping = asyncio.Event()
 
@@ -126,6 +136,7 @@ class Agent:
             group.create_task(self.link.run(self._stopping))
             group.create_task(self._sweep())
             group.create_task(self.catalog_sync.run(self._stopping))
+            group.create_task(self.heartbeats.run(self._stopping))
             if self._socket is not None:
                 await self._socket.start()
                 group.create_task(self._close_socket_on_stop())
@@ -182,7 +193,13 @@ class Agent:
         the item did not change meanwhile; else it rejects it (``edit_conflict``) and the
         replica converges to central's state by a delta."""
         submitted = await self.replica.edit_item(self.outbox, item_id, changes)
-        log.info("item edited", item_id=item_id, seq=submitted.seq, doc_id=submitted.doc_id)
+        log.info(
+            "item edited",
+            register_id=self.settings.register_id,
+            seq=submitted.seq,
+            doc_id=submitted.doc_id,
+            item_id=item_id,
+        )
         return submitted
 
     async def sync_catalog(

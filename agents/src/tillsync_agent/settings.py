@@ -49,6 +49,8 @@ class AgentSettings(BaseSettings):
     """Longest wait for the next reply (page or end) of a delta or reinit request."""
     catalog_check_interval_s: float = Field(300.0, gt=0)
     """Every this often, a delta request checks that nothing was missed."""
+    heartbeat_interval_s: float = Field(15.0, gt=0, le=3600)
+    """Every this often while connected, a heartbeat tells central how the register stands."""
     catalog_queue_size: int = Field(1000, ge=1, le=1_000_000)
     """Changes queued per ``catalog_changes()`` subscriber; a slow one loses the oldest."""
     log_format: str = Field("console", pattern="^(console|json)$")

@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from tillsync_protocol import TillsyncError
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .catalog import Change
     from .catalog_import import ImportReport
     from .commands import ReinitOrder
+    from .presence import PresenceInfo
 
 __all__ = ["app", "main"]
 
@@ -270,35 +271,83 @@ def registers_revoke(
         )
 
 
-async def _list_registers(settings: CentralSettings, center: str | None) -> list[RegisterInfo]:
+async def _list_registers(
+    settings: CentralSettings, center: str | None
+) -> tuple[list[RegisterInfo], dict[str, PresenceInfo]]:
+    from .presence import fleet_presence
     from .provisioning import list_registers
 
     pool = await create_pool(settings)
     try:
-        return await list_registers(pool, center)
+        infos = await list_registers(pool, center)
+        presence = await fleet_presence(pool, 3 * settings.heartbeat_interval_s, center)
     finally:
         await pool.close()
+    return infos, {p.register_id: p for p in presence}
+
+
+def _last_sync(presence: PresenceInfo | None) -> str:
+    last = None if presence is None else presence.last_sync
+    if not last:
+        return "-"
+    return f"{last.get('kind')} {last.get('result')}"
 
 
 @registers_app.command("list")
 def registers_list(
     center: Annotated[str | None, typer.Option("--center", help="Only this center.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per register.")] = False,
     config: ConfigOption = None,
 ) -> None:
-    """List registers with where their documents stand."""
+    """List registers: where their documents stand, and their presence (online when the
+    last heartbeat is younger than 3 x heartbeat_interval_s), pending and last sync."""
     with _reported_errors():
         settings = _settings(config)
-        infos = asyncio.run(_list_registers(settings, center))
-        table = Table("center", "register", "broker user", "contiguous seq", "last seq", "state")
+        infos, presence = asyncio.run(_list_registers(settings, center))
+        if as_json:
+            for info in infos:
+                seen = presence.get(info.register_id)
+                row = {
+                    **{k: v for k, v in vars(info).items() if k != "created_at"},
+                    "revoked_at": None if info.revoked_at is None else info.revoked_at.isoformat(),
+                    "last_received_at": None
+                    if info.last_received_at is None
+                    else info.last_received_at.isoformat(),
+                    "presence": "never seen" if seen is None else seen.state,
+                    "last_seen": None
+                    if seen is None or seen.last_seen is None
+                    else seen.last_seen.isoformat(),
+                    "pending": None if seen is None else seen.pending,
+                    "agent_version": None if seen is None else seen.agent_version,
+                    "last_sync": None if seen is None else seen.last_sync,
+                    "last_error": None if seen is None else seen.last_error,
+                }
+                _out.print(json.dumps(row), highlight=False, markup=False, soft_wrap=True)
+            return
+        # Ids are what people grep for: never wrapped; the other columns give way.
+        table = Table(
+            Column("center", no_wrap=True),
+            Column("register", no_wrap=True),
+            "state",
+            "presence",
+            "pending",
+            "acked up to",
+            "last seq",
+            "last sync",
+        )
         for info in infos:
+            seen = presence.get(info.register_id)
             state = "revoked" if info.revoked_at is not None else "active"
+            pending = None if seen is None else seen.pending
             table.add_row(
                 info.center_id,
                 info.register_id,
-                info.broker_user,
+                state,
+                "never seen" if seen is None else seen.state,
+                "-" if pending is None else str(pending),
                 str(info.contiguous_seq),
                 str(info.last_seq),
-                state,
+                _last_sync(seen),
             )
         _out.print(table)
 

@@ -3,7 +3,8 @@
 Start-up migrates the database and declares the shared topology (both idempotent, so
 several processes may start together), then runs, in one ``asyncio.TaskGroup`` until
 SIGTERM or SIGINT: N ingest workers and the dead-letter worker, the catalog relay (active
-in one process at a time, standby in the others) and M catalog RPC workers. Scaling out
+in one process at a time, standby in the others), M catalog RPC workers and the presence
+worker. Scaling out
 is starting another process: the workers compete on the same quorum queues.
 """
 
@@ -20,6 +21,7 @@ import structlog
 from .catalog_rpc import CatalogRpcWorker, RpcStats
 from .db import connect, create_pool, migrate
 from .ingest import DeadLetterWorker, IngestStats, IngestWorker
+from .presence import PresenceWorker
 from .relay import Relay
 from .settings import CentralSettings, redact_url
 from .topology import declare_topology
@@ -61,7 +63,8 @@ class IngestService:
 
 
 class CentralService:
-    """Everything ``tillsync-central run`` runs: ingest, the relay and the catalog RPC."""
+    """Everything ``tillsync-central run`` runs: ingest, the relay, the catalog RPC and
+    presence."""
 
     def __init__(
         self,
@@ -80,6 +83,7 @@ class CentralService:
             CatalogRpcWorker(settings, pool, index=i, stats=self.rpc_stats)
             for i in range(rpc_workers)
         ]
+        self.presence = PresenceWorker(settings, pool)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Until ``stopping`` is set; each worker reconnects on its own."""
@@ -88,6 +92,7 @@ class CentralService:
             group.create_task(self.relay.run(stopping), name=self.relay.name)
             for worker in self.rpc_workers:
                 group.create_task(worker.run(stopping), name=worker.name)
+            group.create_task(self.presence.run(stopping), name=self.presence.name)
 
     async def wait_consuming(self, timeout: float) -> None:
         """Until every consumer consumes (the relay may be a standby: not waited for)."""
@@ -95,6 +100,7 @@ class CentralService:
             await self.ingest.wait_consuming(timeout)
             for worker in self.rpc_workers:
                 await worker.connected.wait()
+            await self.presence.connected.wait()
 
 
 async def declare(settings: CentralSettings) -> None:
@@ -145,6 +151,7 @@ async def run(
                 pool.terminate()
         log.info("central stopped", **vars(service.ingest.stats))
         log.info("catalog stopped", **vars(service.rpc_stats), relay=vars(service.relay.stats))
+        log.info("presence stopped", **vars(service.presence.stats))
         return service.ingest.stats
     finally:
         for signum in signals:

@@ -107,6 +107,10 @@ class CentralSettings(BaseSettings):
     ingest_batch_max_wait_ms: int = Field(default=2, ge=0, le=60_000)
     ingest_prefetch: int = Field(default=2000, ge=1, le=65_535)
 
+    heartbeat_interval_s: float = Field(default=15.0, gt=0, le=3600)
+    """The registers' ``heartbeat_interval_s``: a register whose last heartbeat is older
+    than three of them is shown offline."""
+
     log_format: LogFormat = "console"
     log_level: LogLevel = "info"
 
