@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from .outbox import Outbox
 from .service import Agent
 from .settings import AgentSettings
 from .store import Store, open_readonly
+from .systemd import Notifier, run_supervised
 from .terminal import ConfigOption, console, err_console
 from .terminal import fail as _fail
 from .terminal import settings_from as _settings
@@ -37,12 +39,22 @@ def run(config: ConfigOption = None) -> None:
     settings = _settings(config)
     configure_logging(settings.log_format, settings.log_level)
 
+    # Under systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; else no-ops.
+    notifier = Notifier.from_environment(os.environ, os.getpid())
+
     async def main() -> None:
         async with Agent(settings) as agent:
             loop = asyncio.get_running_loop()
+
+            def stop() -> None:
+                notifier.stopping()
+                agent.stop()
+
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, agent.stop)
-            await agent.run()
+                loop.add_signal_handler(sig, stop)
+            await run_supervised(
+                agent.run(), notifier, started=agent.started, healthy=lambda: agent.healthy
+            )
 
     try:
         asyncio.run(main())

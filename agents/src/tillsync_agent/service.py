@@ -86,6 +86,14 @@ class Agent:
         self.link.on_up.append(self.heartbeats.link_up)
         self._socket = ControlSocket(settings.socket_path, self) if serve_socket else None
         self._stopping = asyncio.Event()
+        self._loops: list[asyncio.Task[None]] = []
+        self.started = asyncio.Event()
+        """Set once :meth:`run` has started every loop and the local socket listens."""
+
+    @property
+    def healthy(self) -> bool:
+        """Every loop of :meth:`run` is still running (what the systemd watchdog checks)."""
+        return self.started.is_set() and all(not task.done() for task in self._loops)
 
     async def __aenter__(self) -> Agent:
         await self._store.open()
@@ -133,13 +141,17 @@ class Agent:
             pending=self.outbox.counts.pending,
         )
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.link.run(self._stopping))
-            group.create_task(self._sweep())
-            group.create_task(self.catalog_sync.run(self._stopping))
-            group.create_task(self.heartbeats.run(self._stopping))
+            self._loops = [
+                group.create_task(self.link.run(self._stopping)),
+                group.create_task(self._sweep()),
+                group.create_task(self.catalog_sync.run(self._stopping)),
+                group.create_task(self.heartbeats.run(self._stopping)),
+            ]
             if self._socket is not None:
                 await self._socket.start()
                 group.create_task(self._close_socket_on_stop())
+            # Last in this block: whatever a POS app talks to is listening by now.
+            self.started.set()
         log.info(
             "agent stopped",
             register_id=self.settings.register_id,

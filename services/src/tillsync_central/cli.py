@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -180,10 +181,13 @@ def run_command(
     """Migrate, declare the topology, then ingest documents, relay catalog changes and
     answer delta requests until SIGTERM or SIGINT."""
     from .runner import run
+    from .systemd import Notifier
 
     with _reported_errors():
         settings = _settings(config)
-        asyncio.run(run(settings, workers=workers, rpc_workers=rpc_workers))
+        # Under systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; else no-ops.
+        notifier = Notifier.from_environment(os.environ, os.getpid())
+        asyncio.run(run(settings, workers=workers, rpc_workers=rpc_workers, notifier=notifier))
 
 
 registers_app = typer.Typer(help="Enroll, list and revoke registers.", no_args_is_help=True)

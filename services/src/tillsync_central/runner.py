@@ -24,6 +24,7 @@ from .ingest import DeadLetterWorker, IngestStats, IngestWorker
 from .presence import PresenceWorker
 from .relay import Relay
 from .settings import CentralSettings, redact_url
+from .systemd import Notifier, run_supervised
 from .topology import declare_topology
 
 __all__ = ["CentralService", "IngestService", "declare", "run"]
@@ -55,8 +56,8 @@ class IngestService:
             for worker in self.workers:
                 group.create_task(worker.run(stopping), name=worker.name)
 
-    async def wait_consuming(self, timeout: float) -> None:
-        """Until every worker consumes (raises ``TimeoutError`` after ``timeout``)."""
+    async def wait_consuming(self, timeout: float | None) -> None:
+        """Until every worker consumes (raises ``TimeoutError`` after ``timeout``, if any)."""
         async with asyncio.timeout(timeout):
             for worker in self.workers:
                 await worker.connected.wait()
@@ -84,17 +85,28 @@ class CentralService:
             for i in range(rpc_workers)
         ]
         self.presence = PresenceWorker(settings, pool)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def healthy(self) -> bool:
+        """Every worker's loop still runs (each reconnects on its own, so a broker or
+        database outage is not unhealthy: restarting would not cure it)."""
+        return bool(self._tasks) and all(not task.done() for task in self._tasks)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Until ``stopping`` is set; each worker reconnects on its own."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self.ingest.run(stopping), name="ingest")
-            group.create_task(self.relay.run(stopping), name=self.relay.name)
-            for worker in self.rpc_workers:
-                group.create_task(worker.run(stopping), name=worker.name)
-            group.create_task(self.presence.run(stopping), name=self.presence.name)
+            self._tasks = [
+                group.create_task(self.ingest.run(stopping), name="ingest"),
+                group.create_task(self.relay.run(stopping), name=self.relay.name),
+                *(
+                    group.create_task(worker.run(stopping), name=worker.name)
+                    for worker in self.rpc_workers
+                ),
+                group.create_task(self.presence.run(stopping), name=self.presence.name),
+            ]
 
-    async def wait_consuming(self, timeout: float) -> None:
+    async def wait_consuming(self, timeout: float | None) -> None:
         """Until every consumer consumes (the relay may be a standby: not waited for)."""
         async with asyncio.timeout(timeout):
             await self.ingest.wait_consuming(timeout)
@@ -117,14 +129,23 @@ async def run(
     workers: int = 1,
     rpc_workers: int = 1,
     stopping: asyncio.Event | None = None,
+    notifier: Notifier | None = None,
 ) -> IngestStats:
     """Migrate, declare, and run every worker until SIGTERM/SIGINT (or ``stopping``);
-    returns the ingest counters after a clean stop."""
+    returns the ingest counters after a clean stop. With a ``notifier`` (systemd), says
+    ``READY=1`` once every consumer consumes, pings the watchdog while every worker loop
+    runs, and says ``STOPPING=1`` on SIGTERM."""
     stopping = asyncio.Event() if stopping is None else stopping
+    notifier = Notifier(None) if notifier is None else notifier
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT)
+
+    def stop() -> None:
+        notifier.stopping()
+        stopping.set()
+
     for signum in signals:
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, stop)
     try:
         conn = await connect(settings)
         try:
@@ -143,7 +164,24 @@ async def run(
         pool = await create_pool(settings)
         try:
             service = CentralService(settings, pool, workers=workers, rpc_workers=rpc_workers)
-            await service.run(stopping)
+            consuming = asyncio.Event()
+
+            async def ready_when_consuming() -> None:
+                await service.wait_consuming(timeout=None)
+                consuming.set()
+
+            async with asyncio.TaskGroup() as group:
+                # Cancelled by the service's end if it never got that far.
+                waiter = group.create_task(ready_when_consuming())
+                run_task = group.create_task(
+                    run_supervised(
+                        service.run(stopping),
+                        notifier,
+                        started=consuming,
+                        healthy=lambda: service.healthy,
+                    )
+                )
+                run_task.add_done_callback(lambda _: waiter.cancel())
         finally:
             try:
                 await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
