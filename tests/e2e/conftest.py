@@ -167,6 +167,15 @@ async def central(
         await make_database.drop(database_url)
 
 
+def agent_env(**settings: object) -> dict[str, str]:
+    """The environment of a ``tillsync-agent`` subprocess: this one without any
+    ``TILLSYNC_*`` variable (the services' URLs are exported for the tests, and the
+    environment overrides the agent's config file), plus ``settings`` as variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TILLSYNC_")}
+    env.update({f"TILLSYNC_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
 def agent_settings(
     enrollment: Enrollment, data_dir: Path, *, amqp_url: str | None = None, **overrides: Any
 ) -> AgentSettings:
@@ -202,6 +211,8 @@ async def running_agent(settings: AgentSettings) -> AsyncIterator[Agent]:
 def write_agent_config(settings: AgentSettings, path: Path) -> Path:
     lines = []
     for name, value in settings.model_dump().items():
+        if value is None:  # TOML has no null: an absent key is the default
+            continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
         if isinstance(value, str | Path):

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from agent.documents import receipt
-from e2e.conftest import BIN, Central, agent_settings, wait_for, write_agent_config
+from e2e.conftest import BIN, Central, agent_env, agent_settings, wait_for, write_agent_config
 
 
 async def cli(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
@@ -24,6 +24,7 @@ async def cli(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env=agent_env(),
     )
     out, err = await asyncio.wait_for(process.communicate(stdin), timeout=60)
     assert process.returncode is not None
@@ -46,6 +47,7 @@ async def start_agent(config: Path, log: Path) -> asyncio.subprocess.Process:
             str(config),
             stdout=handle,
             stderr=handle,
+            env=agent_env(),
         )
 
     async def serving() -> bool:

@@ -168,12 +168,25 @@ def history(
     config: ConfigOption = None,
     as_json: JsonOption = False,
     limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 20,
+    kind: Annotated[
+        str | None,
+        typer.Option("--kind", help="only documents, catalog_delta or reinit runs"),
+    ] = None,
 ) -> None:
-    """The latest syncs (catalog deltas and reinits), newest first, with their results."""
+    """The latest syncs (documents sweeps, catalog deltas and reinits), newest first, with
+    their results: successful, partially_successful or failed, and the error log."""
+    if kind not in (None, "documents", "catalog_delta", "reinit"):
+        _fail(
+            {
+                "code": "invalid_value",
+                "field": "--kind",
+                "reason": "documents, catalog_delta or reinit",
+            }
+        )
     settings = _settings(config)
     try:
         with open_readonly(settings.database_path) as db:
-            runs = read_runs(db, limit)
+            runs = read_runs(db, limit, kind)
     except TillsyncError as exc:
         _fail(exc.to_dict())
         return

@@ -19,6 +19,7 @@ from tillsync_protocol import TillsyncError
 
 from .catalog_cli import register_catalog_commands
 from .control_socket import request
+from .enroll import register_enroll_commands
 from .logs import configure_logging
 from .outbox import Outbox
 from .service import Agent
@@ -219,6 +220,7 @@ def status(
 
 
 register_catalog_commands(app)
+register_enroll_commands(app)
 
 
 def main() -> None:

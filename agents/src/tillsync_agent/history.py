@@ -1,24 +1,30 @@
-"""The sync history: every catalog delta and reinit, with its result, in ``sync_runs``.
+"""The sync history: every documents sweep, catalog delta and reinit, with its result, in
+``sync_runs``.
 
 A run is written when it starts (``finished_at`` and ``result`` empty) and completed when
 it ends. A run that never ended (the agent was killed) is marked ``failed`` with the
 error ``interrupted`` when the agent next opens the database. ``tillsync-agent history``
-reads the table read-only.
+reads the table read-only; :meth:`History.on_finish` callbacks (the local API's event
+stream) hear of every run that ends.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import aiosqlite
+import structlog
 
 from .outbox import now_ms
 from .store import Store
 
-__all__ = ["History", "SyncKind", "SyncResult", "SyncRun", "read_runs"]
+__all__ = ["History", "SyncKind", "SyncResult", "SyncRun", "read_runs", "read_runs_async"]
+
+log = structlog.get_logger(__name__)
 
 SyncKind = Literal["documents", "catalog_delta", "reinit"]
 SyncResult = Literal["successful", "partially_successful", "failed"]
@@ -33,13 +39,13 @@ UPDATE sync_runs SET finished_at = ?, result = 'failed',
     errors = '["interrupted: the agent stopped or was killed during the run"]'
 WHERE finished_at IS NULL
 """
-_RECENT = """
-SELECT id, kind, started_at, finished_at, result, sent, received, errors, detail
-FROM sync_runs ORDER BY id DESC LIMIT ?
-"""
-_LAST_FINISHED = """
-SELECT id, kind, started_at, finished_at, result, sent, received, errors, detail
-FROM sync_runs WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1
+_COLUMNS = "id, kind, started_at, finished_at, result, sent, received, errors, detail"
+_RECENT = f"SELECT {_COLUMNS} FROM sync_runs ORDER BY id DESC LIMIT ?"
+_RECENT_OF_KIND = f"SELECT {_COLUMNS} FROM sync_runs WHERE kind = ? ORDER BY id DESC LIMIT ?"
+_LAST_FINISHED = f"""
+SELECT {_COLUMNS} FROM sync_runs
+WHERE id IN (SELECT MAX(id) FROM sync_runs WHERE finished_at IS NOT NULL GROUP BY kind)
+ORDER BY id
 """
 
 
@@ -80,7 +86,15 @@ class History:
     def __init__(self, store: Store) -> None:
         self._store = store
         self.last: SyncRun | None = None
-        """The last finished run (for ``status`` and heartbeats)."""
+        """The last finished run of any kind (for ``status`` and heartbeats)."""
+        self._last_of: dict[str, SyncRun] = {}
+        self.on_finish: list[Callable[[SyncRun], None]] = []
+        """Called with every run that ends, right after it is written."""
+
+    def last_of(self, *kinds: SyncKind) -> SyncRun | None:
+        """The last finished run of one of ``kinds``."""
+        runs = [self._last_of[kind] for kind in kinds if kind in self._last_of]
+        return max(runs, key=lambda run: run.id, default=None)
 
     async def load(self) -> None:
         """Close the runs an earlier process left open, and remember the last finished one."""
@@ -90,8 +104,9 @@ class History:
 
         await self._store.write(interrupted)
         async with self._store.db.execute(_LAST_FINISHED) as cursor:
-            row = await cursor.fetchone()
-        self.last = None if row is None else _run(tuple(row))
+            runs = [_run(tuple(row)) for row in await cursor.fetchall()]
+        self._last_of = {run.kind: run for run in runs}
+        self.last = runs[-1] if runs else None
 
     async def start(self, kind: SyncKind, detail: dict[str, object]) -> int:
         started = now_ms()
@@ -134,9 +149,25 @@ class History:
 
         await self._store.write(update)
         self.last = run
+        self._last_of[kind] = run
+        for callback in list(self.on_finish):
+            try:
+                callback(run)
+            except Exception as exc:  # a listener's bug must not fail the sync
+                log.error("sync history callback failed", error=repr(exc))
         return run
 
 
-def read_runs(db: sqlite3.Connection, limit: int = 50) -> list[SyncRun]:
-    """The latest runs, newest first, from a (read-only) connection."""
-    return [_run(row) for row in db.execute(_RECENT, (limit,)).fetchall()]
+def read_runs(db: sqlite3.Connection, limit: int = 50, kind: str | None = None) -> list[SyncRun]:
+    """The latest runs (of ``kind``, if given), newest first, from a (read-only) connection."""
+    sql, params = (_RECENT, (limit,)) if kind is None else (_RECENT_OF_KIND, (kind, limit))
+    return [_run(row) for row in db.execute(sql, params).fetchall()]
+
+
+async def read_runs_async(
+    db: aiosqlite.Connection, limit: int = 50, kind: str | None = None
+) -> list[SyncRun]:
+    """The latest runs (of ``kind``, if given), newest first, from a read-only connection."""
+    sql, params = (_RECENT, (limit,)) if kind is None else (_RECENT_OF_KIND, (kind, limit))
+    async with db.execute(sql, params) as cursor:
+        return [_run(tuple(row)) for row in await cursor.fetchall()]

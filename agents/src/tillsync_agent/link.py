@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from tillsync_protocol import Backoff, topology
 
 from .outbox import now_ms
+from .redaction import redact
 from .sender import Sender
 from .settings import AgentSettings
 
@@ -63,7 +64,7 @@ class Link:
             try:
                 await self._connect_and_serve(stopping)
             except (TimeoutError, Exception) as exc:
-                self.state.last_error = f"{type(exc).__name__}: {exc}"
+                self.state.last_error = redact(f"{type(exc).__name__}: {exc}")
                 log.warning(
                     "link down", register_id=self._settings.register_id, error=self.state.last_error
                 )

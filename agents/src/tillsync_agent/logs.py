@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from .redaction import redact_processor
+
 __all__ = ["configure_logging"]
 
 
@@ -22,6 +24,7 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_processor,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

@@ -117,6 +117,17 @@ WHERE state IN ('pending', 'published') AND shift_no = ?
     AND (state = 'pending' OR last_sent_at < ?)
 """
 _SET_STATE = "INSERT OR REPLACE INTO agent_state (key, value) VALUES (?, ?)"
+# Both over the open rows' partial index, or a primary-key range: cheap at any size.
+_OPEN_THROUGH = """
+SELECT MIN(seq), COUNT(*) FROM outbox WHERE state IN ('pending', 'published') AND seq <= ?
+"""
+_OPEN_BETWEEN = """
+SELECT COUNT(*) FROM outbox WHERE state IN ('pending', 'published') AND seq BETWEEN ? AND ?
+"""
+_REJECTED_BETWEEN = """
+SELECT seq, doc_id, doc_type, reject_code, reject_field, reject_reason FROM outbox
+WHERE seq BETWEEN ? AND ? AND state = 'rejected' AND acked_at >= ? ORDER BY seq LIMIT ?
+"""
 
 
 class Outbox:
@@ -391,6 +402,28 @@ class Outbox:
                  FROM outbox WHERE state = 'rejected' ORDER BY seq DESC LIMIT ?"""
         async with self._store.db.execute(sql, (limit,)) as cursor:
             names = ["seq", "doc_id", "doc_type", "code", "field", "reason"]
+            return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
+
+    async def open_through(self, last_seq: int) -> tuple[int | None, int]:
+        """``(first seq, count)`` of the rows up to ``last_seq`` not yet acknowledged nor
+        rejected (first is None when there are none)."""
+        async with self._store.db.execute(_OPEN_THROUGH, (last_seq,)) as cursor:
+            row = await cursor.fetchone()
+        return (None, 0) if row is None or row[0] is None else (int(row[0]), int(row[1]))
+
+    async def open_between(self, first: int, last: int) -> int:
+        """Rows with ``first <= seq <= last`` not yet acknowledged nor rejected."""
+        async with self._store.db.execute(_OPEN_BETWEEN, (first, last)) as cursor:
+            row = await cursor.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def rejected_between(
+        self, first: int, last: int, since: int, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Rows with ``first <= seq <= last`` that central rejected at ``since`` (ms) or
+        later, in seq order."""
+        names = ["seq", "doc_id", "doc_type", "code", "field", "reason"]
+        async with self._store.db.execute(_REJECTED_BETWEEN, (first, last, since, limit)) as cursor:
             return [dict(zip(names, row, strict=True)) for row in await cursor.fetchall()]
 
     async def set_state(self, key: str, value: str | None) -> None:

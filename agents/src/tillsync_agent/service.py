@@ -1,10 +1,11 @@
 """The agent as one object: ``async with Agent(settings) as agent: await agent.run()``.
 
 It owns the store, the outbox, the catalog replica, the link (sender and consumer), the
-catalog sync and the periodic sweep, all in one ``asyncio.TaskGroup``. A POS app written
-in Python embeds it and calls :meth:`Agent.submit`, reads the catalog through
-:attr:`Agent.replica` and follows it with :meth:`Agent.catalog_changes`; other processes
-talk to it over its local socket.
+catalog sync, the documents sync (sweeps) and the local HTTP API, all in one
+``asyncio.TaskGroup``. A POS app written in Python embeds it and calls
+:meth:`Agent.submit`, reads the catalog through :attr:`Agent.replica` and follows it with
+:meth:`Agent.catalog_changes`; other processes talk to it over its local socket, POS apps
+in other languages over its HTTP API (:mod:`local_api`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
@@ -34,6 +35,7 @@ from . import __version__
 from .catalog_events import CatalogEvent, CatalogSubscription
 from .catalog_sync import CatalogSync, ProgressCallback, SyncReport, SyncRequest
 from .control_socket import ControlSocket
+from .documents_sync import DocumentsSync
 from .heartbeat import Heartbeats
 from .history import History
 from .link import Link
@@ -42,6 +44,9 @@ from .replica import Replica
 from .sender import Sender
 from .settings import AgentSettings
 from .store import Store
+
+if TYPE_CHECKING:
+    from .local_api import LocalApi
 
 __all__ = ["Agent"]
 
@@ -85,6 +90,13 @@ class Agent:
         )
         self.link.on_up.append(self.heartbeats.link_up)
         self._socket = ControlSocket(settings.socket_path, self) if serve_socket else None
+        self.documents_sync = DocumentsSync(settings, self.outbox, self.history, self.link)
+        self.local_api: LocalApi | None = None
+        """The HTTP API for POS apps, when ``api_port`` and ``api_token`` are set."""
+        if settings.api_port and settings.api_token is not None:
+            from .local_api import LocalApi  # starlette and uvicorn only where one serves
+
+            self.local_api = LocalApi(self)
         self._stopping = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
         self.started = asyncio.Event()
@@ -140,16 +152,20 @@ class Agent:
             version=__version__,
             pending=self.outbox.counts.pending,
         )
+        if self.local_api is not None:
+            self.local_api.start()  # binds now: a port in use fails the start-up plainly
         async with asyncio.TaskGroup() as group:
             self._loops = [
                 group.create_task(self.link.run(self._stopping)),
-                group.create_task(self._sweep()),
+                group.create_task(self.documents_sync.run(self._stopping)),
                 group.create_task(self.catalog_sync.run(self._stopping)),
                 group.create_task(self.heartbeats.run(self._stopping)),
             ]
             if self._socket is not None:
                 await self._socket.start()
                 group.create_task(self._close_socket_on_stop())
+            if self.local_api is not None:
+                group.create_task(self.local_api.serve(self._stopping))
             # Last in this block: whatever a POS app talks to is listening by now.
             self.started.set()
         log.info(
@@ -175,12 +191,13 @@ class Agent:
             "last_error": self.link.state.last_error or stats.last_error,
             "link": asdict(self.link.state),
             "catalog": self.catalog_status(),
+            "documents_sync": self.documents_sync.status(),
         }
 
     def catalog_status(self) -> dict[str, Any]:
         running = self.catalog_sync.running
         progress = self.catalog_sync.progress
-        last = self.history.last
+        last = self.history.last_of("catalog_delta", "reinit")
         return {
             "sync_running": None if running is None else asdict(running),
             "progress": None if progress is None else asdict(progress),

@@ -55,6 +55,11 @@ class AgentSettings(BaseSettings):
     """Changes queued per ``catalog_changes()`` subscriber; a slow one loses the oldest."""
     log_format: str = Field("console", pattern="^(console|json)$")
     log_level: str = "info"
+    api_port: int = Field(8765, ge=0, le=65535)
+    """Port of the local HTTP API for POS apps, on 127.0.0.1 only; 0 turns it off."""
+    api_token: SecretStr | None = None
+    """Bearer token the local API requires (``enroll`` generates one); without one the
+    API is off."""
 
     @property
     def database_path(self) -> Path:
