@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.documents import receipt
 from e2e.conftest import BIN, Central, agent_env, agent_settings, wait_for, write_agent_config
+from faults import FaultProxy
 
 
 async def cli(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
@@ -71,45 +72,49 @@ async def test_sigkill_while_publishing_then_restart_loses_and_doubles_nothing(
     central: Central, tmp_path: Path
 ) -> None:
     enrollment = await central.provision("c-1", "r-kill")
-    config = write_agent_config(
-        agent_settings(enrollment, tmp_path / "data"), tmp_path / "agent.toml"
-    )
-    log = tmp_path / "agent.log"
-    rng = random.Random(4)
-    submitted = 0
-    kills = 0
-    for round_no in range(6):
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = agent_settings(
+            enrollment, tmp_path / "data", amqp_url=proxy.url_for(enrollment.amqp_url)
+        )
+        config = write_agent_config(settings, tmp_path / "agent.toml")
+        log = tmp_path / "agent.log"
+        rng = random.Random(4)
+        submitted = 0
+        for round_no in range(6):
+            if round_no == 5:
+                # The last round's link goes silent: its documents can be neither confirmed
+                # nor acknowledged before the kill, so the kill surely leaves some open.
+                proxy.blackhole()
+            agent = await start_agent(config, log)
+            code, out, err = await cli(config, "submit", "-", stdin=documents(400, submitted))
+            assert code == 0, err
+            assert "stored 400 document(s)" in out
+            submitted += 400
+            await asyncio.sleep(rng.uniform(0.0, 0.3))  # somewhere in the middle of publishing
+            agent.send_signal(signal.SIGKILL)
+            assert await agent.wait() == -signal.SIGKILL
+        # While the agent is down, status still answers from the database, read-only.
+        offline = await status(config)
+        assert offline["running"] is False
+        assert offline["last_seq"] == submitted
+        assert isinstance(offline["pending"], int)
+        assert offline["pending"] >= 400
+        proxy.heal()
+        proxy.reset_all()  # connections held by the blackhole are dropped, not resumed
+
         agent = await start_agent(config, log)
-        code, out, err = await cli(config, "submit", "-", stdin=documents(400, submitted))
-        assert code == 0, err
-        assert "stored 400 document(s)" in out
-        submitted += 400
-        # Somewhere in the middle of publishing; the last kill right away, so that some
-        # documents are surely left unacknowledged.
-        await asyncio.sleep(rng.uniform(0.0, 0.3) if round_no < 5 else 0)
-        agent.send_signal(signal.SIGKILL)
-        assert await agent.wait() == -signal.SIGKILL
-        kills += 1
-    assert kills == 6
-    # While the agent is down, status still answers from the database, read-only.
-    offline = await status(config)
-    assert offline["running"] is False
-    assert offline["last_seq"] == submitted
-    assert isinstance(offline["pending"], int)
-    assert offline["pending"] > 0
 
-    agent = await start_agent(config, log)
+        async def drained() -> bool:
+            return (await status(config))["pending"] == 0
 
-    async def drained() -> bool:
-        return (await status(config))["pending"] == 0
-
-    await wait_for(drained, timeout=120, what="pending to reach 0 after the kills")
-    agent.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(agent.wait(), timeout=30) == 0  # SIGTERM drains, exits cleanly
-    final = await status(config)
-    assert (final["pending"], final["acknowledged"], final["rejected"]) == (0, submitted, 0)
-    assert await central.seqs("r-kill") == list(range(1, submitted + 1))
-    assert "agent stopped" in log.read_text()
+        await wait_for(drained, timeout=120, what="pending to reach 0 after the kills")
+        agent.send_signal(signal.SIGTERM)
+        # SIGTERM drains in-flight work and exits cleanly.
+        assert await asyncio.wait_for(agent.wait(), timeout=30) == 0
+        final = await status(config)
+        assert (final["pending"], final["acknowledged"], final["rejected"]) == (0, submitted, 0)
+        assert await central.seqs("r-kill") == list(range(1, submitted + 1))
+        assert "agent stopped" in log.read_text()
 
 
 async def test_submit_reports_bad_lines_and_keeps_the_good_ones(
