@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import yaml
 from tills import until
 
 from conftest import Enroll
@@ -88,21 +89,7 @@ def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
 
 
 def load_yaml(path: Path) -> Any:
-    """YAML through PyYAML: the venv's if it has it, else a system Python's."""
-    try:
-        import yaml  # type: ignore[import-untyped]
-    except ImportError:
-        pass
-    else:
-        return yaml.safe_load(path.read_text())
-    script = "import json, sys, yaml; json.dump(yaml.safe_load(open(sys.argv[1])), sys.stdout)"
-    for python in dict.fromkeys(filter(None, ["/usr/bin/python3", shutil.which("python3")])):
-        result = subprocess.run(
-            [python, "-c", script, str(path)], capture_output=True, text=True, check=False
-        )
-        if result.returncode == 0:
-            return json.loads(result.stdout)
-    pytest.skip("no Python with PyYAML to parse the compose file")
+    return yaml.safe_load(path.read_text())
 
 
 def test_compose_file_parses_and_binds_to_localhost_only() -> None:
