@@ -178,3 +178,20 @@ async def test_a_cancelled_submit_or_ack_leaves_counts_and_seqs_true(tmp_path: P
         assert following.seq == counts.last_seq == sum(stored.values())
         assert counts.pending == stored.get("pending", 0)
         assert counts.acknowledged == stored.get("acknowledged", 0)
+
+
+async def test_acks_that_arrive_together_are_applied_together_and_each_counted(
+    tmp_path: Path,
+) -> None:
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        for _ in range(30):
+            await outbox.submit("receipt", receipt())
+        acks = [
+            AckBody(register_id="r-1", accepted=[SeqRange(first=n, last=n + 9)])
+            for n in (1, 11, 21)
+        ] + [AckBody(register_id="r-1", accepted=[SeqRange(first=1, last=10)])]  # a repeat
+        results = await asyncio.gather(*(outbox.apply_ack(ack) for ack in acks))
+        assert sorted(results) == [(0, 0), (10, 0), (10, 0), (10, 0)]
+        assert (outbox.counts.pending, outbox.counts.acknowledged) == (0, 30)
+    assert table_counts(tmp_path / "a.db") == {"acknowledged": 30}

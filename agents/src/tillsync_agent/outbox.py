@@ -143,6 +143,7 @@ class Outbox:
         # The store's lock: outbox and catalog replica share the one writer connection.
         self._lock = store.write_lock
         self._queue: list[_Request] = []
+        self._acks: list[tuple[AckBody, asyncio.Future[tuple[int, int]]]] = []
         self._counts = Counts(0, 0, 0, 0)
         self.changed = asyncio.Event()
         """Set whenever there may be something new to publish."""
@@ -363,24 +364,50 @@ class Outbox:
 
     async def apply_ack(self, ack: AckBody) -> tuple[int, int]:
         """Mark acknowledged and rejected rows; returns how many changed state (a repeated
-        ack changes nothing)."""
-        return await self._exclusive(lambda: self._apply_ack(ack))
+        ack changes nothing).
 
-    async def _apply_ack(self, ack: AckBody) -> tuple[int, int]:
+        Acks that arrive together are applied in one transaction (central acks every small
+        batch; one fsync per ack would cost the till more than the documents themselves).
+        """
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._acks.append((ack, future))
+        await self._exclusive(self._drain_acks)
+        return future.result()
+
+    async def _drain_acks(self) -> None:
+        if not self._acks:
+            return
+        batch, self._acks = self._acks, []
+        try:
+            results = await self._apply_acks([ack for ack, _ in batch])
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+    async def _apply_acks(self, acks: Sequence[AckBody]) -> list[tuple[int, int]]:
         now = now_ms()
         db = self._store.db
-        acked = rejected = 0
+        results: list[tuple[int, int]] = []
         try:
             await db.execute("BEGIN IMMEDIATE")
-            for seq_range in ack.accepted:
-                cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
-                acked += cursor.rowcount
-            for rejection in ack.rejected:
-                cursor = await db.execute(
-                    _REJECT,
-                    (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
-                )
-                rejected += cursor.rowcount
+            for ack in acks:
+                acked_one = rejected_one = 0
+                for seq_range in ack.accepted:
+                    cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
+                    acked_one += cursor.rowcount
+                for rejection in ack.rejected:
+                    cursor = await db.execute(
+                        _REJECT,
+                        (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
+                    )
+                    rejected_one += cursor.rowcount
+                results.append((acked_one, rejected_one))
+            acked = sum(a for a, _ in results)
+            rejected = sum(r for _, r in results)
             await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
             await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
             await db.execute(_ADD_COUNTER, (rejected, "rejected"))
@@ -395,7 +422,7 @@ class Outbox:
             c.acknowledged + acked,
             c.rejected + rejected,
         )
-        return acked, rejected
+        return results
 
     async def rejected_documents(self, limit: int = 100) -> list[dict[str, Any]]:
         sql = """SELECT seq, doc_id, doc_type, reject_code, reject_field, reject_reason
