@@ -143,6 +143,7 @@ class Outbox:
         # The store's lock: outbox and catalog replica share the one writer connection.
         self._lock = store.write_lock
         self._queue: list[_Request] = []
+        self._drainer: asyncio.Task[None] | None = None
         self._acks: list[tuple[AckBody, asyncio.Future[tuple[int, int]]]] = []
         self._counts = Counts(0, 0, 0, 0)
         self.changed = asyncio.Event()
@@ -169,15 +170,31 @@ class Outbox:
         Raises a ``ProtocolError`` (code, field, reason) if the document is not valid.
         Never touches the network.
         """
-        future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Submitted] = loop.create_future()
         self._queue.append(_Request(doc_type, body, future))
-        await self._exclusive(self._drain)
-        return future.result()
+        if self._drainer is None or self._drainer.done():
+            # One drainer writes whatever is queued, batch after batch, under the write lock.
+            # It is not the caller's task: a caller cancelled while waiting (a POS request
+            # timing out) cannot interrupt a commit and leave the counters behind.
+            self._drainer = loop.create_task(self._drain_all())
+        return await asyncio.shield(future)
 
-    async def _drain(self) -> None:
-        if self._queue:
+    async def _drain_all(self) -> None:
+        try:
+            async with self._lock:
+                while self._queue:
+                    batch, self._queue = self._queue, []
+                    await self._write(batch)
+        except BaseException as exc:
+            # A failed transaction fails its own batch (in _write); what queued meanwhile
+            # fails too rather than waiting for a drainer that is gone.
             batch, self._queue = self._queue, []
-            await self._write(batch)
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise  # cancellation and the like end the drainer; errors reached the callers
 
     async def _exclusive(self, work: Callable[[], Awaitable[T]]) -> T:
         """Run ``work`` under the write lock and to completion even if the caller is
