@@ -54,6 +54,15 @@ class Session:
             return asyncio.get_running_loop().time() >= self.give_up_at
         return self.stopping.is_set()
 
+    async def pause_before_retry(self, delay: float) -> bool:
+        """Wait ``delay`` before retrying the current batch (the database is away);
+        False if the batch must be given up instead (the channel closed, or the drain
+        time on stop ran out)."""
+        if self.should_abandon():
+            return False
+        interrupted = await wait_any((self.closed, self.stopping), delay)
+        return not (interrupted and self.should_abandon())
+
 
 class BatchConsumer(ABC):
     """Subclasses name the queue and implement :meth:`handle`."""

@@ -31,7 +31,7 @@ from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from tillsync_protocol import CONTENT_TYPE, Backoff, encode, topology
 
 from .acks import build_acks
-from .consumer import BatchConsumer, Session, wait_any
+from .consumer import BatchConsumer, Session
 from .dead_letters import DeadLetter, insert_dead_letters, json_safe
 from .intake import Delivery, inspect
 from .settings import CentralSettings
@@ -96,10 +96,7 @@ class _DatabaseRetry:
             retry_in_s=round(delay, 2),
             error=f"{type(exc).__name__}: {exc}",
         )
-        if session.should_abandon():
-            return False
-        interrupted = await wait_any((session.closed, session.stopping), delay)
-        return not (interrupted and session.should_abandon())
+        return await session.pause_before_retry(delay)
 
     def succeeded(self) -> None:
         self._backoff.reset()

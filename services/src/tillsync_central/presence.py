@@ -44,7 +44,7 @@ from tillsync_protocol import (
     topology,
 )
 
-from .consumer import BatchConsumer, Session, wait_any
+from .consumer import BatchConsumer, Session
 from .dead_letters import DeadLetter, insert_dead_letters
 from .ingest import delivery_of
 from .intake import Delivery
@@ -303,10 +303,7 @@ class PresenceWorker(BatchConsumer):
             retry_in_s=round(delay, 2),
             error=f"{type(exc).__name__}: {exc}",
         )
-        if session.should_abandon():
-            return False
-        interrupted = await wait_any((session.closed, session.stopping), delay)
-        return not (interrupted and session.should_abandon())
+        return await session.pause_before_retry(delay)
 
     def _count(self, size: int, stored: int, letters: list[DeadLetter]) -> None:
         self.stats.batches += 1
