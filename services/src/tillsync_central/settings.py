@@ -111,6 +111,20 @@ class CentralSettings(BaseSettings):
     """The registers' ``heartbeat_interval_s``: a register whose last heartbeat is older
     than three of them is shown offline."""
 
+    admin_host: str = "127.0.0.1"
+    """Where the admin API and dashboard listen (``tillsync-central api`` and ``run``)."""
+    admin_port: int = Field(default=8470, ge=0, le=65_535)
+    """Their port (0: any free port, logged at start-up)."""
+    admin_in_run: bool = True
+    """``tillsync-central run`` serves the admin API too (a port in use is logged there,
+    not fatal: the workers matter more); ``tillsync-central api`` serves it alone."""
+    admin_session_hours: float = Field(default=12.0, gt=0, le=24 * 90)
+    """How long an operator's login (cookie or bearer token) lasts."""
+    admin_secure_cookie: bool = False
+    """Mark the session cookie ``Secure`` (set it when a TLS proxy fronts the dashboard)."""
+    admin_queue_sample_s: float = Field(default=5.0, gt=0, le=3600)
+    """How often the dashboard samples queue depths for its chart."""
+
     log_format: LogFormat = "console"
     log_level: LogLevel = "info"
 
