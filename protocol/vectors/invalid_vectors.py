@@ -334,6 +334,27 @@ def _other_messages() -> list[InvalidCase]:
     hb = ctls["heartbeat_full"]
     return [
         InvalidCase(
+            "invalid_reversed_ack_range",
+            "An ack range whose first seq is after its last",
+            _mutated(ctls["ack_ranges"], _set("body.accepted[0]", {"first": 44, "last": 40})),
+            "invalid_value",
+            "body.accepted[0]",
+        ),
+        InvalidCase(
+            "invalid_reversed_resend_range",
+            "A resend request whose from_seq is after its to_seq",
+            _mutated(ctls["resend_request"], _set("body.from_seq", 46)),
+            "invalid_value",
+            "body",
+        ),
+        InvalidCase(
+            "invalid_reversed_z_report_range",
+            "A Z-report whose first_seq is after its last_seq",
+            _mutated(docs["shift_close_z_report"], _set("body.first_seq", 10_000)),
+            "invalid_value",
+            "body",
+        ),
+        InvalidCase(
             "invalid_enum_direction",
             "direction must be in or out",
             _mutated(cash, _set("body.direction", "sideways")),

@@ -29,6 +29,10 @@ def for_model(cls: type[BaseModel]) -> st.SearchStrategy[Any]:
     return _models(cls)
 
 
+# (low, high) field pairs that protocol models require in order (``require_ordered``).
+_ORDERED_PAIRS = (("first", "last"), ("from_seq", "to_seq"), ("first_seq", "last_seq"))
+
+
 def _models(cls: type[BaseModel]) -> st.SearchStrategy[Any]:
     required: dict[str, st.SearchStrategy[Any]] = {}
     optional: dict[str, st.SearchStrategy[Any]] = {}
@@ -44,6 +48,10 @@ def _models(cls: type[BaseModel]) -> st.SearchStrategy[Any]:
     @st.composite
     def build(draw: st.DrawFn) -> Any:
         values = draw(st.fixed_dictionaries(required, optional=optional))
+        for low, high in _ORDERED_PAIRS:
+            # Inclusive ranges must not be reversed: order the two drawn ends.
+            if low in values and high in values and values[low] > values[high]:
+                values[low], values[high] = values[high], values[low]
         try:
             return cls.model_validate(values)
         except ValidationError:

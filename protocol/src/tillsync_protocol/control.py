@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, StrictBool, StrictInt, StrictStr
+from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 from typing_extensions import TypeAliasType
 
 from .catalog import EntityName
-from .envelope import ControlMessage, Model
+from .envelope import ControlMessage, Model, require_ordered
 from .money import Code, Count, EntityId, Seq, Text, UnixMillis, Uuid, WireId
 
 __all__ = [
@@ -55,6 +55,11 @@ class SeqRange(Model):
 
     first: Seq
     last: Seq
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SeqRange:
+        require_ordered(self, "first", "last")
+        return self
 
 
 class Rejection(Model):
@@ -155,6 +160,11 @@ class ResendRequestBody(Model):
     from_seq: Seq
     to_seq: Seq
     reason: Text
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ResendRequestBody:
+        require_ordered(self, "from_seq", "to_seq")
+        return self
 
 
 class Ack(ControlMessage):

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 
-from .envelope import Document, Model
+from .envelope import Document, Model, require_ordered
 from .money import (
     Amount,
     BasisPoints,
@@ -156,6 +156,11 @@ class ShiftCloseBody(Model):
     taxes: Annotated[list[TaxSummary], Field(max_length=100)]
     cash_expected: Amount
     cash_counted: Amount
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ShiftCloseBody:
+        require_ordered(self, "first_seq", "last_seq")
+        return self
 
 
 class CashMovementBody(Model):

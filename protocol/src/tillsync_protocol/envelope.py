@@ -29,6 +29,12 @@ class Model(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+def require_ordered(model: Model, low: str, high: str) -> None:
+    """Refuse an inclusive range whose ends are reversed (``invalid_value``)."""
+    if getattr(model, low) > getattr(model, high):
+        raise ValueError(f"{low} must not be greater than {high}")
+
+
 class Message(Model):
     """Fields every message has."""
 
