@@ -142,11 +142,63 @@ def _refuse_ext(code: int, data: bytes) -> object:
 
 
 def _check_tree(root: dict[str, Any]) -> None:
-    """Refuse deep nesting, non-string map keys, timestamps and floats, without recursion.
+    """Refuse deep nesting, non-string map keys, timestamps and floats.
 
-    Runs on every message: the path of a node is kept as a linked ``(parent, key)`` pair
-    and spelled out only when there is an error to report.
+    Runs on every message, so first a quick scan that only says whether the tree is clean
+    (most are); only a tree it doubts is walked again by :func:`_find_problem`, which
+    finds the first problem in the documented order and reports it with its path.
     """
+    if not _clean_map(root, 0):
+        _find_problem(root)
+
+
+_SCALARS = frozenset({str, int, bool, bytes, type(None)})
+"""What msgpack decodes that the protocol allows as a leaf (floats and timestamps are not)."""
+
+
+def _clean_map(node: dict[Any, Any], depth: int) -> bool:
+    """Whether a map and everything under it passes :func:`_find_problem` (exact types
+    only: anything unexpected is left to the slow walk to judge and report)."""
+    if depth >= _MAX_DEPTH:
+        return False
+    for key, value in node.items():
+        if type(key) is not str:
+            return False
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is dict:
+            if not _clean_map(value, depth + 1):
+                return False
+        elif kind is list:
+            if not _clean_list(value, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def _clean_list(node: list[Any], depth: int) -> bool:
+    if depth >= _MAX_DEPTH:
+        return False
+    for value in node:
+        kind = type(value)
+        if kind in _SCALARS:
+            continue
+        if kind is dict:
+            if not _clean_map(value, depth + 1):
+                return False
+        elif kind is list:
+            if not _clean_list(value, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def _find_problem(root: dict[str, Any]) -> None:
+    """The walk that reports: without recursion, the path of a node kept as a linked
+    ``(parent, key)`` pair and spelled out only when there is an error to report."""
     stack: list[tuple[object, int, _Trail]] = [(root, 0, None)]
     while stack:
         value, depth, trail = stack.pop()
