@@ -21,6 +21,7 @@ import structlog
 from .catalog_rpc import CatalogRpcWorker, RpcStats
 from .db import connect, create_pool, migrate
 from .ingest import DeadLetterWorker, IngestStats, IngestWorker
+from .metrics import serving_metrics
 from .presence import PresenceWorker
 from .relay import Relay
 from .settings import CentralSettings, redact_url
@@ -170,7 +171,7 @@ async def run(
                 await service.wait_consuming(timeout=None)
                 consuming.set()
 
-            async with asyncio.TaskGroup() as group:
+            async with serving_metrics(settings, service), asyncio.TaskGroup() as group:
                 # Cancelled by the service's end if it never got that far.
                 waiter = group.create_task(ready_when_consuming())
                 run_task = group.create_task(

@@ -125,6 +125,13 @@ class CentralSettings(BaseSettings):
     admin_queue_sample_s: float = Field(default=5.0, gt=0, le=3600)
     """How often the dashboard samples queue depths for its chart."""
 
+    metrics_host: str = "127.0.0.1"
+    """Where ``tillsync-central run`` serves Prometheus' ``/metrics``."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65_535)
+    """None or 0: no metrics listener (each process of a host needs its own port)."""
+    metrics_db_timeout_s: float = Field(default=2.0, gt=0, le=60)
+    """Seconds a scrape waits for the fleet gauges' queries before answering without."""
+
     log_format: LogFormat = "console"
     log_level: LogLevel = "info"
 

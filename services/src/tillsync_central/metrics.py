@@ -1,0 +1,520 @@
+"""Prometheus metrics of a central process: what ``/metrics`` serves.
+
+:func:`build_registry` builds one :class:`MetricsRegistry` (a
+``prometheus_client.CollectorRegistry``; no module-level registry) holding:
+
+* the process counters of a :class:`~tillsync_central.runner.CentralService` (ingest,
+  dead-letter worker, relay, catalog RPC, presence), read from its stats objects at each
+  scrape, and the ingest batch latency histogram;
+* fleet gauges read from PostgreSQL just before each scrape, with a short timeout and
+  aggregate queries only: registers by state, pending and rejected documents from the
+  latest heartbeats, relay lag per scope, stored dead letters and conflicts. When the
+  database does not answer in time the scrape still answers, with
+  ``tillsync_metrics_db_up 0`` and without the fleet gauges (stale values would mislead);
+* the standard ``process_*`` and ``python_*`` collectors.
+
+:func:`metrics_app` is the ASGI app for ``GET /metrics`` (the admin API mounts it too), and
+:func:`serving_metrics` serves it on its own listener inside ``tillsync-central run``
+(settings ``metrics_host``, ``metrics_port``). Every metric is listed in
+``docs/operations.md#metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import asyncpg
+import structlog
+import uvicorn
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    make_asgi_app,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tillsync_protocol import ConfigError
+
+from .db.pool import init_connection
+from .settings import CentralSettings
+
+if TYPE_CHECKING:
+    from .runner import CentralService
+
+__all__ = [
+    "REGISTER_STATES",
+    "FleetSnapshot",
+    "MetricsRegistry",
+    "build_registry",
+    "metrics_app",
+    "offline_after_s",
+    "open_metrics_pool",
+    "read_fleet",
+    "serving_metrics",
+]
+
+log = structlog.get_logger(__name__)
+
+REGISTER_STATES = ("online", "offline", "never_seen", "revoked")
+"""The ``state`` label of ``tillsync_registers`` (as ``registers list`` shows them)."""
+
+DB_TIMEOUT_S = 2.0
+_POOL_CLOSE_TIMEOUT_S = 5.0
+_SERVER_STOP_TIMEOUT_S = 5
+
+# One row per (center, state): a register is online while its last heartbeat is younger
+# than $1 seconds, as presence.fleet_presence says. Pending and rejected are the counts
+# each register reported in its latest heartbeat.
+_REGISTERS = """
+SELECT r.center_id,
+       CASE WHEN r.revoked_at IS NOT NULL THEN 'revoked'
+            WHEN p.last_seen IS NULL THEN 'never_seen'
+            WHEN p.last_seen >= now() - make_interval(secs => $1) THEN 'online'
+            ELSE 'offline' END AS state,
+       count(*) AS registers,
+       COALESCE(sum(p.pending), 0)::bigint AS pending,
+       COALESCE(sum(p.rejected), 0)::bigint AS rejected
+FROM registers r LEFT JOIN register_presence p USING (register_id)
+GROUP BY 1, 2
+"""
+# The changelog head against the relay's stored position, per scope; the age of the first
+# unpublished change is one primary-key lookup per scope.
+_RELAY = """
+SELECT s.scope, s.last_seq - COALESCE(p.published_seq, 0) AS behind,
+       COALESCE(extract(epoch FROM now() - c.changed_at), 0)::float8 AS behind_s
+FROM catalog_scopes s
+LEFT JOIN relay_positions p USING (scope)
+LEFT JOIN catalog_changelog c
+       ON c.scope = s.scope AND c.scope_seq = COALESCE(p.published_seq, 0) + 1
+"""
+_DEAD_LETTERS = """
+SELECT source, code, status, count(*) AS letters FROM dead_letters GROUP BY 1, 2, 3
+"""
+_CONFLICTS = """
+SELECT kind, resolved_at IS NOT NULL AS resolved, count(*) AS conflicts
+FROM conflicts GROUP BY 1, 2
+"""
+_CATALOG_CONFLICTS = "SELECT code, count(*) AS conflicts FROM catalog_conflicts GROUP BY 1"
+_HOLES = "SELECT count(*) FROM register_state WHERE last_seq > contiguous_seq"
+
+
+def offline_after_s(settings: CentralSettings) -> float:
+    """The presence window: offline after three missed heartbeats (as ``registers list``)."""
+    return 3 * settings.heartbeat_interval_s
+
+
+@dataclass(frozen=True)
+class FleetSnapshot:
+    """What the database said at one scrape."""
+
+    registers: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(center, state) → registers."""
+    pending: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(center, state) → documents pending at the registers' latest heartbeats."""
+    rejected: dict[tuple[str, str], int] = field(default_factory=dict)
+    relay_lag: dict[str, int] = field(default_factory=dict)
+    """scope → changes committed but not yet published by the relay."""
+    relay_lag_seconds: dict[str, float] = field(default_factory=dict)
+    dead_letters: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    """(source, code, status) → stored dead letters."""
+    conflicts: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(kind, resolved|unresolved) → stored conflicts."""
+    catalog_conflicts: dict[str, int] = field(default_factory=dict)
+    registers_with_holes: int = 0
+
+
+async def read_fleet(
+    pool: asyncpg.Pool, offline_after: float, *, timeout: float = DB_TIMEOUT_S
+) -> FleetSnapshot:
+    """Run the scrape-time queries in one read-only snapshot; raises ``TimeoutError``
+    after ``timeout`` seconds, or the database's error."""
+    async with asyncio.timeout(timeout):
+        async with (
+            pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            register_rows = await conn.fetch(_REGISTERS, float(offline_after))
+            relay_rows = await conn.fetch(_RELAY)
+            letter_rows = await conn.fetch(_DEAD_LETTERS)
+            conflict_rows = await conn.fetch(_CONFLICTS)
+            catalog_rows = await conn.fetch(_CATALOG_CONFLICTS)
+            holes = await conn.fetchval(_HOLES)
+    snapshot = FleetSnapshot(registers_with_holes=int(holes))
+    for center in {row["center_id"] for row in register_rows}:
+        for state in REGISTER_STATES:  # zeros too: an absent series cannot be graphed
+            for values in (snapshot.registers, snapshot.pending, snapshot.rejected):
+                values[center, state] = 0
+    for row in register_rows:
+        key = (row["center_id"], row["state"])
+        snapshot.registers[key] = int(row["registers"])
+        snapshot.pending[key] = int(row["pending"])
+        snapshot.rejected[key] = int(row["rejected"])
+    for row in relay_rows:
+        snapshot.relay_lag[row["scope"]] = int(row["behind"])
+        snapshot.relay_lag_seconds[row["scope"]] = max(0.0, float(row["behind_s"]))
+    for row in letter_rows:
+        snapshot.dead_letters[row["source"], row["code"], row["status"]] = int(row["letters"])
+    for row in conflict_rows:
+        resolution = "resolved" if row["resolved"] else "unresolved"
+        snapshot.conflicts[row["kind"], resolution] = int(row["conflicts"])
+    for row in catalog_rows:
+        snapshot.catalog_conflicts[row["code"]] = int(row["conflicts"])
+    return snapshot
+
+
+class MetricsRegistry(CollectorRegistry):
+    """A registry whose collectors may need to await something (a database) before a
+    scrape: :func:`metrics_app` awaits :meth:`refresh` and then renders the registry."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+        self._refreshers: list[Callable[[], Awaitable[None]]] = []
+
+    def add_refresher(self, refresh: Callable[[], Awaitable[None]]) -> None:
+        self._refreshers.append(refresh)
+
+    async def refresh(self) -> None:
+        """Run every refresher (each must bound its own time and never raise)."""
+        await asyncio.gather(*(refresh() for refresh in self._refreshers))
+
+
+class _FleetCollector(Collector):
+    """The fleet gauges, from the snapshot the last :meth:`refresh` read."""
+
+    def __init__(self, pool: asyncpg.Pool, offline_after: float, timeout: float) -> None:
+        self._pool = pool
+        self._offline_after = offline_after
+        self._timeout = timeout
+        self._snapshot: FleetSnapshot | None = None
+        self._seconds = 0.0
+        # One round of queries at a time, however many scrapes arrive together.
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        async with self._lock:
+            started = time.perf_counter()
+            try:
+                self._snapshot = await read_fleet(
+                    self._pool, self._offline_after, timeout=self._timeout
+                )
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._snapshot = None
+                log.warning("metrics: database gauges unavailable", error=_describe(exc))
+            self._seconds = time.perf_counter() - started
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = self._snapshot
+        yield _gauge(
+            "tillsync_metrics_db_up",
+            "1 if the fleet gauges were read from PostgreSQL at this scrape, else 0.",
+            1 if snapshot is not None else 0,
+        )
+        yield _gauge(
+            "tillsync_metrics_db_seconds",
+            "Time the scrape-time database queries took (or waited before giving up).",
+            self._seconds,
+        )
+        if snapshot is not None:
+            yield from _fleet_metrics(snapshot)
+
+
+def _fleet_metrics(snapshot: FleetSnapshot) -> Iterator[Metric]:
+    yield _labelled(
+        "tillsync_registers",
+        "Registers per center by presence state (online: a heartbeat within three "
+        "heartbeat intervals).",
+        ["center", "state"],
+        snapshot.registers.items(),
+    )
+    yield _labelled(
+        "tillsync_registers_pending_documents",
+        "Documents not yet acknowledged, as each register reported in its latest heartbeat.",
+        ["center", "state"],
+        snapshot.pending.items(),
+    )
+    yield _labelled(
+        "tillsync_registers_rejected_documents",
+        "Documents central rejected, as each register reported in its latest heartbeat.",
+        ["center", "state"],
+        snapshot.rejected.items(),
+    )
+    yield _gauge(
+        "tillsync_registers_with_holes",
+        "Registers with a gap in their stored seqs (a resend should close it).",
+        snapshot.registers_with_holes,
+    )
+    yield _labelled(
+        "tillsync_relay_lag_changes",
+        "Catalog changes committed but not yet published by the relay, per scope.",
+        ["scope"],
+        (((scope,), value) for scope, value in snapshot.relay_lag.items()),
+    )
+    yield _labelled(
+        "tillsync_relay_lag_seconds",
+        "Age of the oldest catalog change the relay has not published, per scope (0: none).",
+        ["scope"],
+        (((scope,), value) for scope, value in snapshot.relay_lag_seconds.items()),
+    )
+    yield _labelled(
+        "tillsync_dead_letters",
+        "Dead letters stored, by source, code and status (new, replayed, discarded).",
+        ["source", "code", "status"],
+        snapshot.dead_letters.items(),
+    )
+    yield _labelled(
+        "tillsync_conflicts",
+        "Document conflicts stored, by kind (content, doc_id) and resolution.",
+        ["kind", "resolution"],
+        snapshot.conflicts.items(),
+    )
+    yield _labelled(
+        "tillsync_catalog_conflicts",
+        "Register item edits central did not apply, by code.",
+        ["code"],
+        (((code,), value) for code, value in snapshot.catalog_conflicts.items()),
+    )
+
+
+class _ProcessCounters(Collector):
+    """The counters of one central process's workers since it started."""
+
+    def __init__(self, service: CentralService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterable[Metric]:
+        ingest = self._service.ingest.stats
+        relay = self._service.relay
+        rpc = self._service.rpc_stats
+        presence = self._service.presence.stats
+        counters: list[tuple[str, str, float]] = [
+            ("tillsync_ingest_batches", "Batches committed by the ingest workers.", ingest.batches),
+            (
+                "tillsync_ingest_deliveries",
+                "Deliveries from tillsync.ingest handled (stored, duplicate, conflict or refused).",
+                ingest.deliveries,
+            ),
+            ("tillsync_ingest_stored", "New documents stored.", ingest.stored),
+            (
+                "tillsync_ingest_duplicates",
+                "Documents already stored with the same bytes (acknowledged again).",
+                ingest.duplicates,
+            ),
+            (
+                "tillsync_ingest_conflicts",
+                "Documents whose key or doc_id was stored with other bytes.",
+                ingest.conflicts,
+            ),
+            (
+                "tillsync_ingest_refused",
+                "Deliveries refused by ingest, each kept as a dead letter (source ingest).",
+                ingest.refused,
+            ),
+            ("tillsync_ingest_acks_published", "Ack messages published.", ingest.acks_published),
+            (
+                "tillsync_ingest_dead_lettered_by_broker",
+                "Messages the broker dead-lettered after the delivery limit, kept as dead "
+                "letters (code delivery_limit).",
+                ingest.dead_lettered_by_broker,
+            ),
+            ("tillsync_relay_published", "Catalog changes published.", relay.stats.published),
+            ("tillsync_relay_batches", "Relay batches published.", relay.stats.batches),
+            (
+                "tillsync_relay_sessions",
+                "Times this process's relay became the active one.",
+                relay.stats.sessions,
+            ),
+            ("tillsync_rpc_requests", "Catalog delta requests received.", rpc.requests),
+            ("tillsync_rpc_answered", "Catalog delta requests answered.", rpc.answered),
+            (
+                "tillsync_rpc_refused",
+                "Catalog delta requests refused (kept as dead letters).",
+                rpc.refused,
+            ),
+            ("tillsync_rpc_pages", "Delta pages sent.", rpc.pages),
+            ("tillsync_rpc_changes", "Catalog changes sent in delta pages.", rpc.changes),
+            ("tillsync_heartbeats", "Heartbeats received.", presence.heartbeats),
+            ("tillsync_heartbeats_stored", "Heartbeats stored.", presence.stored),
+            (
+                "tillsync_heartbeats_refused",
+                "Heartbeats refused (kept as dead letters, source presence).",
+                presence.refused,
+            ),
+        ]
+        for name, documentation, value in counters:
+            yield CounterMetricFamily(name, documentation, value=value)
+        item_edits = CounterMetricFamily(
+            "tillsync_ingest_item_edits",
+            "Register item edits applied or refused by ingest.",
+            labels=["result"],
+        )
+        item_edits.add_metric(["applied"], ingest.item_edits_applied)
+        item_edits.add_metric(["refused"], ingest.item_edits_refused)
+        yield item_edits
+        retries = CounterMetricFamily(
+            "tillsync_db_retries",
+            "Database steps retried after a transient failure, by flow.",
+            labels=["flow"],
+        )
+        retries.add_metric(["ingest"], ingest.db_retries)
+        retries.add_metric(["rpc"], rpc.db_retries)
+        retries.add_metric(["presence"], presence.db_retries)
+        yield retries
+        yield _gauge(
+            "tillsync_relay_active",
+            "1 while this process's relay holds the lock and publishes (one process does).",
+            1 if relay.active.is_set() else 0,
+        )
+        yield _gauge(
+            "tillsync_workers_healthy",
+            "1 while every worker loop of this process runs.",
+            1 if self._service.healthy else 0,
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _labelled(
+    name: str,
+    documentation: str,
+    labels: list[str],
+    values: Iterable[tuple[tuple[str, ...], float]],
+) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for key, value in sorted(values):
+        family.add_metric(list(key), value)
+    return family
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def build_registry(
+    pool: asyncpg.Pool | None,
+    settings: CentralSettings,
+    *,
+    service: CentralService | None = None,
+    db_timeout: float | None = None,
+    process: bool = True,
+) -> MetricsRegistry:
+    """A new registry for one process: ``service``'s counters and batch histogram (if
+    given), the fleet gauges read through ``pool`` at each scrape (if given), and the
+    ``process_*``/``python_*`` collectors (unless ``process`` is False)."""
+    registry = MetricsRegistry()
+    if service is not None:
+        registry.register(_ProcessCounters(service))
+        registry.register(service.ingest.stats.batch_seconds)
+    if pool is not None:
+        timeout = settings.metrics_db_timeout_s if db_timeout is None else db_timeout
+        fleet = _FleetCollector(pool, offline_after_s(settings), timeout)
+        registry.register(fleet)
+        registry.add_refresher(fleet.refresh)
+    if process:
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            registry.register(collector)
+    return registry
+
+
+def metrics_app(registry: CollectorRegistry) -> ASGIApp:
+    """The ASGI app answering any GET with the registry in Prometheus' text format
+    (OpenMetrics when asked); a :class:`MetricsRegistry` is refreshed first."""
+    exposition = make_asgi_app(registry)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # no lifespan or websocket here
+        if isinstance(registry, MetricsRegistry):
+            await registry.refresh()
+        await exposition(scope, receive, send)
+
+    return app
+
+
+async def open_metrics_pool(settings: CentralSettings) -> asyncpg.Pool:
+    """A small pool of its own, so that a scrape never waits behind the workers (and
+    never takes their connections); it connects on the first scrape."""
+    pool = await asyncpg.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=0,
+        max_size=2,
+        timeout=settings.db_connect_timeout,
+        command_timeout=settings.metrics_db_timeout_s,
+        init=init_connection,
+    )
+    assert pool is not None  # asyncpg types the result as optional
+    return pool
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: ``tillsync-central run`` owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        sock = socket.create_server((host, port), backlog=128)
+    except OSError as exc:
+        raise ConfigError(
+            f"the metrics endpoint cannot listen on {host}:{port}: {exc.strerror or exc}",
+            field="metrics_port",
+        ) from None
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def serving_metrics(
+    settings: CentralSettings, service: CentralService | None = None
+) -> AsyncIterator[int | None]:
+    """Serve ``/metrics`` on ``metrics_host:metrics_port`` while the block runs; yields
+    the port, or None when ``metrics_port`` is unset or 0 (nothing served). Raises
+    ``ConfigError`` when the address cannot be bound."""
+    if not settings.metrics_port:
+        yield None
+        return
+    sock = _listen(settings.metrics_host, settings.metrics_port)
+    pool: asyncpg.Pool | None = None
+    try:
+        pool = await open_metrics_pool(settings)
+        app = metrics_app(build_registry(pool, settings, service=service))
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=_SERVER_STOP_TIMEOUT_S,
+        )
+        server = _Server(config)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(server.serve(sockets=[sock]), name="metrics")
+            log.info("metrics listening", host=settings.metrics_host, port=settings.metrics_port)
+            try:
+                yield settings.metrics_port
+            finally:
+                server.should_exit = True
+    finally:
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=_POOL_CLOSE_TIMEOUT_S)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                pool.terminate()
+        sock.close()
