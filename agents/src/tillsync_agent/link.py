@@ -21,6 +21,7 @@ from .outbox import now_ms
 from .redaction import redact
 from .sender import Sender
 from .settings import AgentSettings
+from .tls import ssl_context
 
 __all__ = ["Link", "LinkState"]
 
@@ -84,6 +85,7 @@ class Link:
         connection = await asyncio.wait_for(
             aio_pika.connect(
                 self._settings.amqp_url.get_secret_value(),
+                ssl_context=ssl_context(self._settings),  # None for amqp://
                 timeout=CONNECT_TIMEOUT_S,
                 client_properties={
                     "connection_name": f"tillsync-agent {self._settings.register_id}"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -27,6 +27,16 @@ class AgentSettings(BaseSettings):
     register_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     center_id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     amqp_url: SecretStr = SecretStr("amqp://127.0.0.1:5672/")
+    """``amqp://`` or, for TLS, ``amqps://`` (the broker's certificate is always verified,
+    host name included). ``?auth=external`` logs in with the client certificate instead of
+    a password."""
+    tls_ca_file: Path | None = None
+    """PEM file of the CA(s) that signed the broker's certificate (amqps only); unset: the
+    system's trusted CAs."""
+    tls_cert_file: Path | None = None
+    """PEM file of this register's client certificate (amqps only; with ``tls_key_file``)."""
+    tls_key_file: Path | None = None
+    """PEM file of the client certificate's private key: keep it mode 0600."""
     data_dir: Path = Path("/var/lib/tillsync-agent")
 
     publish_timeout_s: float = Field(10.0, gt=0)
@@ -70,9 +80,55 @@ class AgentSettings(BaseSettings):
         return self.data_dir / "agent.sock"
 
     @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.amqp_url.get_secret_value()).scheme == "amqps"
+
+    @property
+    def uses_external_auth(self) -> bool:
+        """Whether the agent logs in with its client certificate (``?auth=external``)."""
+        query = parse_qs(urlsplit(self.amqp_url.get_secret_value()).query)
+        return [value.lower() for value in query.get("auth", [])] == ["external"]
+
+    @property
     def broker_user(self) -> str:
-        """The AMQP user this agent logs in as: set as ``user_id`` on every document."""
+        """The AMQP user this agent logs in as: set as ``user_id`` on every document.
+
+        With a client certificate (EXTERNAL) the broker takes the user from the
+        certificate's common name, which central issues as the register's user."""
+        if self.uses_external_auth:
+            return f"reg-{self.register_id}"
         return unquote(urlsplit(self.amqp_url.get_secret_value()).username or "guest")
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> AgentSettings:
+        url = urlsplit(self.amqp_url.get_secret_value())
+        if url.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"amqp_url: must be an amqp:// or amqps:// URL, not {url.scheme}://")
+        query = parse_qs(url.query)
+        # aiormq reads these from the URL; we build the TLS context ourselves, always
+        # verifying, so a URL asking otherwise is a mistake to report, not to ignore.
+        for key in ("no_verify_ssl", "cafile", "capath", "cadata", "certfile", "keyfile"):
+            if key in query:
+                raise ValueError(
+                    f"amqp_url: the {key!r} parameter is not supported: use the tls_* "
+                    "settings (the broker's certificate is always verified)"
+                )
+        tls_files = {
+            "tls_ca_file": self.tls_ca_file,
+            "tls_cert_file": self.tls_cert_file,
+            "tls_key_file": self.tls_key_file,
+        }
+        if url.scheme == "amqp":
+            given = [name for name, value in tls_files.items() if value is not None]
+            if given or self.uses_external_auth:
+                raise ValueError(
+                    f"{(given or ['auth=external'])[0]}: TLS settings need an amqps:// amqp_url"
+                )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: give both or neither")
+        if self.uses_external_auth and self.tls_cert_file is None:
+            raise ValueError("amqp_url: auth=external needs tls_cert_file and tls_key_file")
+        return self
 
     @classmethod
     def settings_customise_sources(
