@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -92,6 +92,21 @@ class CentralSettings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://tillsync:tillsync@127.0.0.1:5432/tillsync")
     rabbitmq_api_url: SecretStr = SecretStr("http://tillsync:tillsync@127.0.0.1:15672/")
 
+    register_broker_url: str | None = None
+    """The broker URL written into registers' bundles, without credentials (e.g.
+    ``amqps://broker.example:5671/``); unset: ``amqp_url``'s scheme, host, port and vhost.
+    Its vhost must be ``amqp_url``'s."""
+    register_broker_ca_file: Path | None = None
+    """PEM of the CA that signed the broker's certificate, copied into registers' bundles
+    (unset: registers trust their system's CAs)."""
+    register_client_ca_cert_file: Path | None = None
+    """With ``register_client_ca_key_file``: the CA (the one the broker's
+    ``ssl_options.cacertfile`` trusts) that issues each register a client certificate
+    (CN ``reg-<register>``) in ``registers add``; the register then logs in with it
+    (EXTERNAL) and has no password."""
+    register_client_ca_key_file: Path | None = None
+    register_client_cert_days: int = Field(default=825, ge=1, le=36_500)
+
     db_pool_min_size: int = Field(default=1, ge=0, le=1000)
     db_pool_max_size: int = Field(default=10, ge=1, le=1000)
     db_connect_timeout: float = Field(default=10.0, gt=0, le=600)
@@ -150,6 +165,28 @@ class CentralSettings(BaseSettings):
                 f"must be a {' or '.join(allowed)} URL with a host, not {redact_url(value)!r}"
             )
         return value
+
+    @field_validator("register_broker_url")
+    @classmethod
+    def _check_register_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError(f"must be an amqp or amqps URL with a host, not {value!r}")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials: each register gets its own")
+        return value
+
+    @model_validator(mode="after")
+    def _check_client_ca(self) -> CentralSettings:
+        if (self.register_client_ca_cert_file is None) != (
+            self.register_client_ca_key_file is None
+        ):
+            raise ValueError(
+                "register_client_ca_cert_file and register_client_ca_key_file: give both or neither"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(
