@@ -2,11 +2,14 @@
 file, and ``tillsync-agent api-token`` to hand the local API's token to the POS app.
 
 The bundle (``tillsync-central registers add --bundle FILE``) is TOML with ``register_id``,
-``center_id`` and ``amqp_url`` (which carries the register's broker password). Enrolling
-writes them, a data directory and a generated ``api_token`` into the config file, mode
-0600, atomically. Enrolling the same register again (new credentials) keeps the token and
-every other setting; a config of *another* register is only replaced with ``--force``,
-and never onto that register's database.
+``center_id`` and ``amqp_url`` (which carries the register's broker password, unless the
+register logs in with a client certificate). With TLS it may also carry PEM strings:
+``tls_ca_pem`` (the CA that signed the broker's certificate), ``tls_cert_pem`` and
+``tls_key_pem`` (the register's client certificate and key). Enrolling writes the PEMs to
+``<data_dir>/tls/`` (mode 0600), and the rest, a data directory and a generated
+``api_token`` into the config file, mode 0600, atomically. Enrolling the same register
+again (new credentials) keeps the token and every other setting; a config of *another*
+register is only replaced with ``--force``, and never onto that register's database.
 """
 
 from __future__ import annotations
@@ -29,11 +32,17 @@ from .terminal import console
 from .terminal import fail as _fail
 from .terminal import settings_from as _settings
 
-__all__ = ["enroll_config", "register_enroll_commands", "render_toml"]
+__all__ = ["bundle_files", "enroll_config", "register_enroll_commands", "render_toml"]
 
 DEFAULT_CONFIG = Path("/etc/tillsync/agent.toml")
 DEFAULT_DATA_DIR = Path("/var/lib/tillsync-agent")
 BUNDLE_KEYS = ("register_id", "center_id", "amqp_url")
+TLS_PEMS = {
+    "tls_ca_pem": ("tls_ca_file", "broker-ca.pem"),
+    "tls_cert_pem": ("tls_cert_file", "client-cert.pem"),
+    "tls_key_pem": ("tls_key_file", "client-key.pem"),
+}
+"""Bundle key of each PEM -> the setting naming its file, and the file in ``<data_dir>/tls``."""
 
 
 class AlreadyEnrolledError(ConfigError):
@@ -84,6 +93,7 @@ def enroll_config(
             config.update(existing)
     config.update({key: bundle[key] for key in BUNDLE_KEYS})
     config["data_dir"] = str(data_dir or config.get("data_dir") or DEFAULT_DATA_DIR)
+    _apply_tls(bundle, config)
     if api_port is not None:
         config["api_port"] = api_port
     config.setdefault("api_token", secrets.token_urlsafe(32))
@@ -92,6 +102,38 @@ def enroll_config(
     except ValueError as exc:
         raise ConfigError(str(exc).replace("\n", " "), field="bundle") from None
     return config
+
+
+def _apply_tls(bundle: dict[str, Any], config: dict[str, Any]) -> None:
+    """Point the tls_* settings at the files the bundle's PEMs go to; drop what the new
+    credentials no longer use (no TLS at all for amqp://, no client certificate when the
+    bundle has none). A CA set by hand stays unless the bundle brings one."""
+    for pem_key in TLS_PEMS:
+        value = bundle.get(pem_key)
+        if value is not None and not (isinstance(value, str) and "-----BEGIN " in value):
+            raise ConfigError(f"the bundle's {pem_key} is not a PEM text", field=pem_key)
+    if not str(bundle["amqp_url"]).startswith("amqps://"):
+        for pem_key, (setting, _) in TLS_PEMS.items():
+            if pem_key in bundle:
+                raise ConfigError(f"{pem_key} needs an amqps:// amqp_url", field=pem_key)
+            config.pop(setting, None)
+        return
+    if ("tls_cert_pem" in bundle) != ("tls_key_pem" in bundle):
+        raise ConfigError(
+            "the bundle has a client certificate without its key, or the reverse",
+            field="tls_key_pem",
+        )
+    if "tls_cert_pem" not in bundle:
+        config.pop("tls_cert_file", None)
+        config.pop("tls_key_file", None)
+    for path, pem_key in bundle_files(bundle, config).items():
+        config[TLS_PEMS[pem_key][0]] = str(path)
+
+
+def bundle_files(bundle: dict[str, Any], config: dict[str, Any]) -> dict[Path, str]:
+    """The PEM files to write (path -> bundle key), under the config's ``data_dir``."""
+    folder = Path(str(config["data_dir"])) / "tls"
+    return {folder / name: key for key, (_, name) in TLS_PEMS.items() if key in bundle}
 
 
 def render_toml(config: dict[str, Any]) -> str:
@@ -155,15 +197,20 @@ def enroll(
     generated local API token. Secrets are not printed."""
     try:
         existing = _read_toml(config, "config") if config.exists() else None
+        contents = _read_toml(bundle, "bundle")
         values = enroll_config(
-            _read_toml(bundle, "bundle"),
+            contents,
             existing,
             data_dir=data_dir,
             api_port=api_port,
             force=force,
         )
-        write_private(config, render_toml(values))
         Path(values["data_dir"]).mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The certificate files before the config that names them.
+        for path, pem_key in bundle_files(contents, values).items():
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            write_private(path, contents[pem_key])
+        write_private(config, render_toml(values))
     except TillsyncError as exc:
         _fail(exc.to_dict())
     port = values.get("api_port", AgentSettings.model_fields["api_port"].default)

@@ -32,7 +32,7 @@ from .db import (
     migration_status,
 )
 from .logs import configure_logging
-from .provisioning import Enrollment, RegisterInfo, Revocation
+from .provisioning import Enrollment, RegisterInfo, RegisterTls, Revocation
 from .settings import CentralSettings, load_settings, redact_url
 
 if TYPE_CHECKING:
@@ -201,15 +201,43 @@ async def _add_register(
     from .provisioning import add_register
     from .runner import declare
 
+    tls = _register_tls(settings)
     await declare(settings)
     pool = await create_pool(settings)
     try:
         async with Management.from_settings(settings) as management:
             return await add_register(
-                pool, management, settings.amqp_url.get_secret_value(), center, register, password
+                pool,
+                management,
+                settings.register_broker_url or settings.amqp_url.get_secret_value(),
+                center,
+                register,
+                password,
+                tls=tls,
             )
     finally:
         await pool.close()
+
+
+def _register_tls(settings: CentralSettings) -> RegisterTls:
+    """What the settings give registers for TLS (the broker's CA is read here, once)."""
+    from tillsync_protocol import ConfigError
+
+    broker_ca_pem = None
+    if settings.register_broker_ca_file is not None:
+        try:
+            broker_ca_pem = settings.register_broker_ca_file.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"cannot read {settings.register_broker_ca_file}: {exc}",
+                field="register_broker_ca_file",
+            ) from None
+    return RegisterTls(
+        broker_ca_pem=broker_ca_pem,
+        client_ca_cert_file=settings.register_client_ca_cert_file,
+        client_ca_key_file=settings.register_client_ca_key_file,
+        client_cert_days=settings.register_client_cert_days,
+    )
 
 
 @registers_app.command("add")
@@ -230,6 +258,12 @@ def registers_add(
     """Enroll a register: its rows, its queue, and its broker user with least rights."""
     with _reported_errors():
         settings = _settings(config)
+        if bundle is None and settings.register_client_ca_cert_file is not None:
+            raise TillsyncError(
+                "a register's client certificate key only leaves central in its bundle",
+                field="bundle",
+                code="invalid_value",
+            )
         enrollment = asyncio.run(_add_register(settings, center, register, password))
         _log.info("register enrolled", register_id=register, center_id=center)
         if bundle is not None:

@@ -101,11 +101,11 @@ class Management:
 
     # -- users and permissions ------------------------------------------------------------
 
-    async def put_user(self, name: str, password: str) -> None:
-        """Create the user or change its password; it gets no tags (no management access)."""
-        await self._request(
-            "PUT", f"/api/users/{_q(name)}", json={"password": password, "tags": ""}
-        )
+    async def put_user(self, name: str, password: str | None, *, tags: str = "") -> None:
+        """Create the user or change its password; no ``tags``: no management access. With
+        no password the user cannot log in with one (only with a client certificate)."""
+        body = {"password": password} if password is not None else {"password_hash": ""}
+        await self._request("PUT", f"/api/users/{_q(name)}", json={**body, "tags": tags})
 
     async def delete_user(self, name: str) -> bool:
         """Delete the user; False if it did not exist."""

@@ -12,26 +12,35 @@ that let it work, and the broker enforces them (invariant 5):
 
 Adding is idempotent: running it again for the same register sets a new password and
 re-applies the queue, bindings and permissions (and lifts a revocation).
+
+With TLS the bundle carries the CA that signed the broker's certificate, and with a
+register CA configured (``register_client_ca_*`` settings) a client certificate whose
+common name is the register's broker user: the register then logs in with it (SASL
+EXTERNAL) and its broker user has no password at all.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
-from urllib.parse import quote, urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
 from tillsync_protocol import TillsyncError, topology
 
+from .client_certs import ClientCertificate, issue_client_certificate
 from .management import Management
 
 __all__ = [
     "Enrollment",
     "ProvisioningError",
     "RegisterInfo",
+    "RegisterTls",
     "Revocation",
     "add_register",
     "list_registers",
@@ -51,29 +60,55 @@ class ProvisioningError(TillsyncError):
 
 
 @dataclass(frozen=True)
+class RegisterTls:
+    """What registers get for TLS: the broker's CA, and a CA to issue client certificates."""
+
+    broker_ca_pem: str | None = None
+    client_ca_cert_file: Path | None = None
+    client_ca_key_file: Path | None = None
+    client_cert_days: int = 825
+
+
+@dataclass(frozen=True)
 class Enrollment:
     """What a register needs to connect: give it to the register, then forget it."""
 
     register_id: str
     center_id: str
     broker_user: str
-    password: str
+    password: str | None
+    """None when the register logs in with its client certificate."""
     amqp_url: str
+    broker_ca_pem: str | None = None
+    client_certificate: ClientCertificate | None = None
 
     def __repr__(self) -> str:  # the password and the URL carrying it stay out of logs
         return (
             f"Enrollment(register_id={self.register_id!r}, center_id={self.center_id!r}, "
-            f"broker_user={self.broker_user!r}, password='***', amqp_url='***')"
+            f"broker_user={self.broker_user!r}, password='***', amqp_url='***', "
+            f"client_certificate={self.client_certificate is not None})"
         )
 
     def agent_config(self) -> str:
-        """The register's agent settings as a TOML file (the ``--bundle``)."""
-        return (
-            "# tillsync agent enrollment: keep this file secret (it holds a password)\n"
-            f'register_id = "{self.register_id}"\n'
-            f'center_id = "{self.center_id}"\n'
-            f'amqp_url = "{self.amqp_url}"\n'
-        )
+        """The register's agent settings as a TOML file (the ``--bundle``); PEMs are TOML
+        strings that ``tillsync-agent enroll`` writes to files of their own."""
+        lines = [
+            "# tillsync agent enrollment: keep this file secret (it holds a password or a key)",
+            f"register_id = {_toml(self.register_id)}",
+            f"center_id = {_toml(self.center_id)}",
+            f"amqp_url = {_toml(self.amqp_url)}",
+        ]
+        if self.broker_ca_pem is not None:
+            lines.append(f"tls_ca_pem = {_toml(self.broker_ca_pem)}")
+        if self.client_certificate is not None:
+            lines.append(f"tls_cert_pem = {_toml(self.client_certificate.cert_pem)}")
+            lines.append(f"tls_key_pem = {_toml(self.client_certificate.key_pem)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml(text: str) -> str:
+    # A JSON string is a TOML basic string: the same quotes and escapes.
+    return json.dumps(text, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -120,16 +155,23 @@ def permissions_for(center_id: str, register_id: str) -> Permissions:
     )
 
 
-def register_amqp_url(amqp_url: str, user: str, password: str) -> str:
-    """``amqp_url`` (central's) with the register's credentials instead of central's."""
+def register_amqp_url(amqp_url: str, user: str | None, password: str | None) -> str:
+    """``amqp_url`` (central's) with the register's credentials instead of central's; with
+    no user, none at all and ``auth=external`` (the client certificate names the user)."""
     parts = urlsplit(amqp_url)
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
     if parts.port is not None:
         host += f":{parts.port}"
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    query = parts.query
+    if user is None:
+        netloc = host
+        pairs = [(k, v) for k, v in parse_qsl(query) if k != "auth"]
+        query = urlencode([*pairs, ("auth", "external")])
+    else:
+        netloc = f"{quote(user, safe='')}:{quote(password or '', safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 _UPSERT_CENTER = "INSERT INTO centers (center_id, name) VALUES ($1, $1) ON CONFLICT DO NOTHING"
@@ -170,18 +212,41 @@ async def add_register(
     center_id: str,
     register_id: str,
     password: str | None = None,
+    *,
+    tls: RegisterTls | None = None,
 ) -> Enrollment:
     """Enroll a register (and its center if new); return what it needs to connect.
 
-    ``amqp_url`` is central's own AMQP URL: the register's URL is the same with the
-    register's credentials. The shared topology must already be declared.
+    ``amqp_url`` is the broker URL for registers (central's own, or
+    ``register_broker_url``): the register's URL is the same with the register's
+    credentials. The shared topology must already be declared. With ``tls`` issuing
+    client certificates, the register gets one instead of a password.
     """
     _check_id(center_id, "center_id")
     _check_id(register_id, "register_id")
     user = topology.register_username(register_id)
-    password = secrets.token_urlsafe(24) if password is None else password
-    if not password:
-        raise ProvisioningError("the password must not be empty", field="password")
+    tls = RegisterTls() if tls is None else tls
+    certificate: ClientCertificate | None = None
+    ca_cert, ca_key = tls.client_ca_cert_file, tls.client_ca_key_file
+    if ca_cert is not None and ca_key is not None:
+        if password is not None:
+            raise ProvisioningError(
+                "a register with a client certificate has no password",
+                field="password",
+                code="invalid_value",
+            )
+        if urlsplit(amqp_url).scheme != "amqps":
+            raise ProvisioningError(
+                "client certificates need an amqps:// broker URL for registers",
+                field="register_broker_url",
+                code="invalid_value",
+            )
+        # Before any change: a CA that cannot sign leaves the register as it was.
+        certificate = issue_client_certificate(ca_cert, ca_key, user, days=tls.client_cert_days)
+    else:
+        password = secrets.token_urlsafe(24) if password is None else password
+        if not password:
+            raise ProvisioningError("the password must not be empty", field="password")
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(_UPSERT_CENTER, center_id)
         existing = await conn.fetchrow(_SELECT_REGISTER, register_id)
@@ -204,7 +269,7 @@ async def add_register(
         await management.bind(binding.exchange, binding.queue, binding.routing_key)
 
     rights = permissions_for(center_id, register_id)
-    await management.put_user(user, password)
+    await management.put_user(user, password)  # None: no password login at all
     await management.set_permissions(
         user, configure=rights.configure, write=rights.write, read=rights.read
     )
@@ -215,7 +280,11 @@ async def add_register(
         center_id=center_id,
         broker_user=user,
         password=password,
-        amqp_url=register_amqp_url(amqp_url, user, password),
+        amqp_url=register_amqp_url(
+            amqp_url, None if certificate else user, None if certificate else password
+        ),
+        broker_ca_pem=tls.broker_ca_pem,
+        client_certificate=certificate,
     )
 
 
