@@ -4,17 +4,21 @@ registers over their own broker users: deltas, snapshots, filters, paging, refus
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
+import msgpack
 import pytest
 from catalog_client import Requester
 
 from conftest import Enroll, new_id
+from tillsync_central import catalog_rpc
 from tillsync_central.catalog import CatalogEditor, prepare_edit
-from tillsync_central.catalog_rpc import CatalogRpcWorker
+from tillsync_central.catalog_rpc import CatalogRpcWorker, _pack_change, _page_bytes
 from tillsync_central.settings import CentralSettings
+from tillsync_protocol import CatalogChangeBody, DeltaPage, DeltaPageBody, decode_control, encode
 
 
 def item(name: str, price: int = 100) -> dict[str, Any]:
@@ -193,3 +197,57 @@ async def test_impossible_cursors_are_answered_with_an_error(
         (code, field, enrollment.register_id)
     ]
     assert rpc.stats.refused == 1
+
+
+def test_a_page_packed_change_by_change_is_byte_for_byte_the_models_encoding() -> None:
+    rows = [
+        {"scope_seq": 7, "entity": "items", "key": "a", "deleted": False, "version": 3,
+         "state": {"name": "Å", "gross_price": 120, "barcodes": ["1", "2"], "x": {"y": None}}},
+        {"scope_seq": 9, "entity": "items", "key": "b", "deleted": True, "version": 4,
+         "state": None},
+    ]  # fmt: skip
+    request_id, msg_id = str(uuid.uuid4()), str(uuid.uuid4())
+    data = _page_bytes(request_id, 2, msg_id, [_pack_change("global", row) for row in rows])
+    page = decode_control(data)
+    assert isinstance(page, DeltaPage)
+    expected = DeltaPage(
+        msg_id=msg_id,
+        created_at=page.created_at,
+        body=DeltaPageBody(
+            request_id=request_id,
+            page_no=2,
+            changes=[
+                CatalogChangeBody(
+                    scope="global",
+                    scope_seq=row["scope_seq"],
+                    entity=row["entity"],
+                    key=row["key"],
+                    op="delete" if row["deleted"] else "upsert",
+                    version=row["version"],
+                    state=row["state"],
+                )
+                for row in rows
+            ],
+        ),
+    )
+    assert data == encode(expected)
+
+
+async def test_pages_are_cut_by_size_and_arrive_in_order(
+    enroll: Enroll, pool: asyncpg.Pool, rpc: CatalogRpcWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many small pages, several awaiting their confirm at once: they still arrive in order.
+    monkeypatch.setattr(catalog_rpc, "PAGE_MAX_BYTES", 300)
+    enrollment = await enroll()
+    await CatalogEditor(pool).apply(
+        [prepare_edit("global", "items", f"i{n:03d}", state=item(f"i{n}")) for n in range(40)]
+    )
+    async with Requester(enrollment) as register:
+        answer = await register.ask(mode="snapshot", page_size=1000)
+    assert [p.body.page_no for p in answer.pages] == list(range(1, len(answer.pages) + 1))
+    assert len(answer.pages) > 10
+    for page in answer.pages:
+        packed = [msgpack.packb(c.model_dump(), use_bin_type=True) for c in page.body.changes]
+        assert len(packed) == 1 or sum(len(p) for p in packed) <= 300
+    assert [c.key for c in answer.changes] == [f"i{n:03d}" for n in range(40)]
+    assert (answer.end.body.pages, answer.end.body.changes) == (len(answer.pages), 40)

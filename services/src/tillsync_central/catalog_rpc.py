@@ -22,12 +22,13 @@ broker vouched for a register (its ``user_id``), answered with a ``delta_end`` c
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -41,7 +42,6 @@ from tillsync_protocol import (
     ENTITIES,
     GLOBAL_SCOPE,
     Backoff,
-    CatalogChangeBody,
     ControlMessage,
     DeltaEnd,
     DeltaEndBody,
@@ -70,6 +70,8 @@ log = structlog.get_logger(__name__)
 PAGE_MAX_BYTES = 768 * 1024
 """A page is cut before it grows past this (the protocol's limit is 1 MiB a message)."""
 PUBLISH_TIMEOUT_S = 10.0
+PAGES_IN_FLIGHT = 8
+"""Pages of one answer published and awaiting their confirm while the next are read."""
 DB_RETRY_BASE_S = 0.2
 DB_RETRY_CAP_S = 10.0
 
@@ -190,18 +192,12 @@ class CatalogRpcWorker(BatchConsumer):
         key = topology.register_key(body.register_id, "delta")
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             last_seqs = await _last_seqs(conn, scopes, body.cursors)
-            pages = changes = 0
-            async for page in _pages(
-                conn, body.mode, scopes, body.cursors, entities, body.page_size
-            ):
-                pages += 1
-                changes += len(page)
-                message = DeltaPage(
-                    msg_id=str(uuid.uuid4()),
-                    created_at=_now_ms(),
-                    body=DeltaPageBody(request_id=body.request_id, page_no=pages, changes=page),
-                )
-                await self._publish(exchange, message, key, body.request_id)
+            pages, changes = await self._publish_pages(
+                exchange,
+                _pages(conn, body.mode, scopes, body.cursors, entities, body.page_size),
+                key,
+                body.request_id,
+            )
         end = DeltaEnd(
             msg_id=str(uuid.uuid4()),
             created_at=_now_ms(),
@@ -223,6 +219,40 @@ class CatalogRpcWorker(BatchConsumer):
             cursors=last_seqs,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    async def _publish_pages(
+        self,
+        exchange: AbstractExchange,
+        pages: AsyncIterator[list[bytes]],
+        key: str,
+        request_id: str,
+    ) -> tuple[int, int]:
+        """Publish every page in order, up to ``PAGES_IN_FLIGHT`` awaiting their confirm
+        while the next ones are read; returns (pages, changes) once all are confirmed."""
+        in_flight: deque[asyncio.Task[None]] = deque()
+        count = changes = 0
+        try:
+            async for page in pages:
+                count += 1
+                changes += len(page)
+                msg_id = str(uuid.uuid4())
+                data = _page_bytes(request_id, count, msg_id, page)
+                if len(in_flight) >= PAGES_IN_FLIGHT:
+                    await in_flight.popleft()
+                # Tasks take the channel's lock in creation order: pages leave in order.
+                in_flight.append(
+                    asyncio.create_task(
+                        self._publish_bytes(exchange, data, msg_id, "delta_page", key, request_id)
+                    )
+                )
+            while in_flight:
+                await in_flight.popleft()
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+        return count, changes
 
     async def _refuse(
         self,
@@ -288,14 +318,27 @@ class CatalogRpcWorker(BatchConsumer):
     async def _publish(
         self, exchange: AbstractExchange, message: ControlMessage, key: str, request_id: str
     ) -> None:
+        await self._publish_bytes(
+            exchange, encode(message), message.msg_id, message.type, key, request_id
+        )
+
+    async def _publish_bytes(
+        self,
+        exchange: AbstractExchange,
+        data: bytes,
+        msg_id: str,
+        message_type: str,
+        key: str,
+        request_id: str,
+    ) -> None:
         await exchange.publish(
             aio_pika.Message(
-                encode(message),
+                data,
                 content_type=CONTENT_TYPE,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=message.msg_id,
+                message_id=msg_id,
                 correlation_id=request_id,
-                type=message.type,
+                type=message_type,
                 app_id="tillsync-central",
             ),
             key,
@@ -410,8 +453,45 @@ async def _last_seqs(conn: Conn, scopes: list[str], cursors: dict[str, int]) -> 
     return {scope: last[scope] for scope in scopes}
 
 
-def _size(state: Any) -> int:
-    return 96 + (0 if state is None else len(msgpack.packb(state, use_bin_type=True)))
+_EMPTY_ARRAY = b"\x90"
+
+_packer = msgpack.Packer(use_bin_type=True)
+"""Packs one change at a time (``autoreset``: each ``pack`` returns its own bytes)."""
+
+
+def _page_bytes(request_id: str, page_no: int, msg_id: str, changes: list[bytes]) -> bytes:
+    """A ``delta_page`` exactly as ``encode`` writes it, from changes packed one by one.
+
+    The envelope is the validated model with no changes; ``changes`` is the last field of
+    the last field, so its empty array ends the bytes and is replaced by the packed
+    changes (tests compare the result with ``encode`` of the whole model).
+    """
+    envelope = encode(
+        DeltaPage(
+            msg_id=msg_id,
+            created_at=_now_ms(),
+            body=DeltaPageBody(request_id=request_id, page_no=page_no, changes=[]),
+        )
+    )
+    if not envelope.endswith(_EMPTY_ARRAY):
+        raise AssertionError("delta_page no longer ends with its changes")
+    return b"".join((envelope[:-1], _packer.pack_array_header(len(changes)), *changes))
+
+
+def _pack_change(scope: str, row: asyncpg.Record) -> bytes:
+    # Rows of our own catalog_entities were validated when they were written (the catalog
+    # editor), so they are packed as they are, fields in CatalogChangeBody's order.
+    return _packer.pack(  # type: ignore[no-any-return]
+        {
+            "scope": scope,
+            "scope_seq": row["scope_seq"],
+            "entity": row["entity"],
+            "key": row["key"],
+            "op": "delete" if row["deleted"] else "upsert",
+            "version": row["version"],
+            "state": row["state"],
+        }
+    )
 
 
 async def _pages(
@@ -421,9 +501,10 @@ async def _pages(
     cursors: dict[str, int],
     entities: list[str],
     page_size: int,
-) -> AsyncIterator[list[CatalogChangeBody]]:
-    """The changes to send, cut into pages, read through a server-side cursor."""
-    page: list[CatalogChangeBody] = []
+) -> AsyncIterator[list[bytes]]:
+    """The changes to send, each packed, cut into pages (by count, and by size before a
+    page outgrows ``PAGE_MAX_BYTES``), read through a server-side cursor."""
+    page: list[bytes] = []
     page_bytes = 0
     for scope in scopes:
         if mode == "snapshot":
@@ -431,21 +512,11 @@ async def _pages(
         else:
             rows = conn.cursor(_DELTA, scope, cursors.get(scope, 0), entities, prefetch=page_size)
         async for row in rows:
-            size = _size(row["state"])
-            if page and (len(page) >= page_size or page_bytes + size > PAGE_MAX_BYTES):
+            change = _pack_change(scope, row)
+            if page and (len(page) >= page_size or page_bytes + len(change) > PAGE_MAX_BYTES):
                 yield page
                 page, page_bytes = [], 0
-            page.append(
-                CatalogChangeBody(
-                    scope=scope,
-                    scope_seq=row["scope_seq"],
-                    entity=row["entity"],
-                    key=row["key"],
-                    op="delete" if row["deleted"] else "upsert",
-                    version=row["version"],
-                    state=row["state"],
-                )
-            )
-            page_bytes += size
+            page.append(change)
+            page_bytes += len(change)
     if page:
         yield page
