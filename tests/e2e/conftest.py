@@ -66,6 +66,8 @@ class Central:
     management: Management
     process: subprocess.Popen[bytes] | None = None
     enrollments: dict[str, Enrollment] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """More ``TILLSYNC_*`` settings for the process (a module's ``central_env`` fixture)."""
 
     def env(self) -> dict[str, str]:
         return {
@@ -74,7 +76,14 @@ class Central:
             "TILLSYNC_DATABASE_URL": self.database_url,
             "TILLSYNC_RABBITMQ_API_URL": self.api_url,
             "TILLSYNC_LOG_FORMAT": "json",
+            **self.extra_env,
         }
+
+    @property
+    def metrics_url(self) -> str:
+        """``/metrics`` of the process (``central_env`` must set ``TILLSYNC_METRICS_PORT``)."""
+        port = self.extra_env["TILLSYNC_METRICS_PORT"]
+        return f"http://127.0.0.1:{port}/metrics"
 
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
@@ -138,12 +147,19 @@ class Central:
 
 
 @pytest.fixture
+def central_env() -> dict[str, str]:
+    """Extra ``TILLSYNC_*`` variables for ``central``; override it in a test module."""
+    return {}
+
+
+@pytest.fixture
 async def central(
     services: Services,
     rabbitmq_api: RabbitApi,
     fresh_vhost: str,
     make_database: Any,
     tmp_path: Path,
+    central_env: dict[str, str],
 ) -> AsyncIterator[Central]:
     database_url = await make_database()  # empty: `tillsync-central run` migrates it
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
@@ -156,6 +172,7 @@ async def central(
         log_path=tmp_path / "central.log",
         pool=pool,
         management=management,
+        extra_env=central_env,
     )
     try:
         await instance.start()

@@ -105,7 +105,7 @@ SELECT kind, resolved_at IS NOT NULL AS resolved, count(*) AS conflicts
 FROM conflicts GROUP BY 1, 2
 """
 _CATALOG_CONFLICTS = "SELECT code, count(*) AS conflicts FROM catalog_conflicts GROUP BY 1"
-_HOLES = "SELECT count(*) FROM register_state WHERE last_seq > contiguous_seq"
+_HOLES = "SELECT count(*) AS n FROM register_state WHERE last_seq > contiguous_seq"
 
 
 def offline_after_s(settings: CentralSettings) -> float:
@@ -138,18 +138,49 @@ async def read_fleet(
 ) -> FleetSnapshot:
     """Run the scrape-time queries in one read-only snapshot; raises ``TimeoutError``
     after ``timeout`` seconds, or the database's error."""
-    async with asyncio.timeout(timeout):
-        async with (
-            pool.acquire() as conn,
-            conn.transaction(isolation="repeatable_read", readonly=True),
-        ):
-            register_rows = await conn.fetch(_REGISTERS, float(offline_after))
-            relay_rows = await conn.fetch(_RELAY)
-            letter_rows = await conn.fetch(_DEAD_LETTERS)
-            conflict_rows = await conn.fetch(_CONFLICTS)
-            catalog_rows = await conn.fetch(_CATALOG_CONFLICTS)
-            holes = await conn.fetchval(_HOLES)
-    snapshot = FleetSnapshot(registers_with_holes=int(holes))
+    conn: asyncpg.pool.PoolConnectionProxy | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await pool.acquire()
+            rows = await _read(conn, offline_after)
+    except BaseException:
+        # The connection may be mid-query on a silent link: a rollback or a reset would
+        # wait for it well past the timeout. Drop it; the pool opens another.
+        if conn is not None:
+            conn.terminate()
+        raise
+    finally:
+        if conn is not None:
+            await pool.release(conn)
+    return _snapshot(*rows)
+
+
+async def _read(
+    conn: asyncpg.pool.PoolConnectionProxy, offline_after: float
+) -> tuple[list[asyncpg.Record], ...]:
+    # Not conn.transaction(): its rollback on a timeout would wait on a dead link.
+    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    result = (
+        await conn.fetch(_REGISTERS, float(offline_after)),
+        await conn.fetch(_RELAY),
+        await conn.fetch(_DEAD_LETTERS),
+        await conn.fetch(_CONFLICTS),
+        await conn.fetch(_CATALOG_CONFLICTS),
+        await conn.fetch(_HOLES),
+    )
+    await conn.execute("COMMIT")
+    return result
+
+
+def _snapshot(
+    register_rows: list[asyncpg.Record],
+    relay_rows: list[asyncpg.Record],
+    letter_rows: list[asyncpg.Record],
+    conflict_rows: list[asyncpg.Record],
+    catalog_rows: list[asyncpg.Record],
+    hole_rows: list[asyncpg.Record],
+) -> FleetSnapshot:
+    snapshot = FleetSnapshot(registers_with_holes=int(hole_rows[0][0]))
     for center in {row["center_id"] for row in register_rows}:
         for state in REGISTER_STATES:  # zeros too: an absent series cannot be graphed
             for values in (snapshot.registers, snapshot.pending, snapshot.rejected):
