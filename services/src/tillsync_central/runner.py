@@ -3,9 +3,9 @@
 Start-up migrates the database and declares the shared topology (both idempotent, so
 several processes may start together), then runs, in one ``asyncio.TaskGroup`` until
 SIGTERM or SIGINT: N ingest workers and the dead-letter worker, the catalog relay (active
-in one process at a time, standby in the others), M catalog RPC workers and the presence
-worker. Scaling out
-is starting another process: the workers compete on the same quorum queues.
+in one process at a time, standby in the others), M catalog RPC workers, the presence
+worker and the reconciler (seq holes and Z-reports, one pass at a time across processes).
+Scaling out is starting another process: the workers compete on the same quorum queues.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .db import connect, create_pool, migrate
 from .ingest import DeadLetterWorker, IngestStats, IngestWorker
 from .metrics import serving_metrics
 from .presence import PresenceWorker
+from .reconcile import Reconciler
 from .relay import Relay
 from .settings import CentralSettings, redact_url
 from .systemd import Notifier, run_supervised
@@ -86,6 +87,7 @@ class CentralService:
             for i in range(rpc_workers)
         ]
         self.presence = PresenceWorker(settings, pool)
+        self.reconciler = Reconciler(settings, pool)
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -105,6 +107,7 @@ class CentralService:
                     for worker in self.rpc_workers
                 ),
                 group.create_task(self.presence.run(stopping), name=self.presence.name),
+                group.create_task(self.reconciler.run(stopping), name=self.reconciler.name),
             ]
 
     async def wait_consuming(self, timeout: float | None) -> None:
@@ -191,6 +194,7 @@ async def run(
         log.info("central stopped", **vars(service.ingest.stats))
         log.info("catalog stopped", **vars(service.rpc_stats), relay=vars(service.relay.stats))
         log.info("presence stopped", **vars(service.presence.stats))
+        log.info("reconciliation stopped", **vars(service.reconciler.stats))
         return service.ingest.stats
     finally:
         for signum in signals:

@@ -126,6 +126,13 @@ class CentralSettings(BaseSettings):
     """The registers' ``heartbeat_interval_s``: a register whose last heartbeat is older
     than three of them is shown offline."""
 
+    reconcile_interval_s: float = Field(default=10.0, gt=0, le=86_400)
+    """Seconds between reconciliation passes (seq holes, Z-reports; reconcile.py)."""
+    reconcile_hole_grace_s: float = Field(default=30.0, ge=0, le=86_400)
+    """A seq hole younger than this is not yet asked for: batches commit out of order."""
+    reconcile_request_cap_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    """The longest wait between two resend requests for one hole (backoff doubles)."""
+
     admin_host: str = "127.0.0.1"
     """Where the admin API and dashboard listen (``tillsync-central api`` and ``run``)."""
     admin_port: int = Field(default=8470, ge=0, le=65_535)

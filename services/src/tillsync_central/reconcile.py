@@ -1,0 +1,410 @@
+"""Reconciliation (invariant 6): holes in registers' seqs, and Z-reports against receipts.
+
+Every ``reconcile_interval_s`` one pass, in one transaction that takes an advisory lock
+(so with several central processes one pass runs at a time and the others skip):
+
+1. **Holes.** For each register whose ``last_seq`` is past its ``contiguous_seq`` (the
+   ``register_state`` row store.py keeps), find the missing ranges, move
+   ``contiguous_seq`` up to the first of them (only ever forward), and keep each range
+   in ``seq_holes``. A hole younger than ``reconcile_hole_grace_s`` is left alone: two
+   ingest workers commit batches out of order and most holes close within milliseconds.
+   An older one gets a ``resend_request`` (key ``reg.<register>.resend``), repeated with
+   the shared capped backoff while it stays open. A filled hole is marked resolved.
+   Central cannot see missing documents at the *end* of a register's seqs; the register's
+   own ack timeout resends those.
+2. **Shifts.** Each closed shift (a stored Z-report) is checked once every seq of its
+   range ``first_seq..last_seq`` is stored: receipt, refund and void counts, gross sales,
+   refunds and the sales per payment method reported by the register against what
+   central received for that shift. The result (``ok`` or ``mismatch`` with each
+   differing field) is final; until then the shift is ``waiting``.
+
+Resend requests are published after the pass's writes and before its commit; if the
+commit fails the register may be asked twice, which only makes it resend what central
+then recognises as duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import asyncpg
+import structlog
+
+from tillsync_protocol import CONTENT_TYPE, Backoff, encode, topology
+from tillsync_protocol.control import ResendRequest, ResendRequestBody
+
+from .confirms import publish_in_order
+from .consumer import wait_any
+from .dead_letters import Conn
+from .settings import CentralSettings
+
+__all__ = [
+    "Difference",
+    "PassResult",
+    "ReconcileStats",
+    "Reconciler",
+    "reconcile_pass",
+]
+
+log = structlog.get_logger(__name__)
+
+# Any constant both sides agree on; pg_try_advisory_xact_lock(int, int) namespaces it.
+RECONCILE_LOCK = (0x7469, 0x5EC0)
+CONNECT_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 5.0
+MAX_GAPS_PER_REGISTER = 100
+MAX_SHIFTS_PER_PASS = 500
+
+_LOCK = "SELECT pg_try_advisory_xact_lock($1, $2)"
+
+_LAGGING = """
+SELECT register_id, contiguous_seq, last_seq FROM register_state
+WHERE last_seq > contiguous_seq ORDER BY register_id
+"""
+
+# The missing ranges after contiguous_seq: a gap before each stored seq whose
+# predecessor (or contiguous_seq, for the first) is not the seq right before it.
+_GAPS = """
+SELECT coalesce(prev, $2) + 1 AS from_seq, seq - 1 AS to_seq
+FROM (SELECT seq, lag(seq) OVER (ORDER BY seq) AS prev
+      FROM documents WHERE register_id = $1 AND seq > $2) s
+WHERE seq > coalesce(prev, $2) + 1
+ORDER BY from_seq
+LIMIT $3
+"""
+
+_ADVANCE = """
+UPDATE register_state SET contiguous_seq = greatest(contiguous_seq, $2)
+WHERE register_id = $1
+"""
+
+_OPEN_HOLE = """
+INSERT INTO seq_holes (register_id, from_seq, to_seq) VALUES ($1, $2, $3)
+ON CONFLICT (register_id, from_seq) WHERE resolved_at IS NULL
+DO UPDATE SET to_seq = EXCLUDED.to_seq
+"""
+
+# Open holes not among the ones just found are filled (or were, partly, from their start).
+_RESOLVE = """
+UPDATE seq_holes SET resolved_at = now()
+WHERE resolved_at IS NULL
+  AND (register_id, from_seq) NOT IN (
+      SELECT * FROM unnest($1::text[], $2::bigint[]))
+RETURNING register_id, from_seq, to_seq, requests
+"""
+
+_DUE = """
+SELECT id, register_id, from_seq, to_seq, requests FROM seq_holes
+WHERE resolved_at IS NULL
+  AND detected_at <= now() - make_interval(secs => $1)
+  AND (last_requested_at IS NULL
+       OR last_requested_at <= now() - make_interval(secs => least($2, $1 * 2 ^ requests)))
+ORDER BY detected_at
+LIMIT 1000
+"""
+
+_REQUESTED = """
+UPDATE seq_holes SET requests = requests + 1, last_requested_at = now()
+WHERE id = ANY($1::bigint[])
+"""
+
+_CLOSED_SHIFTS = """
+SELECT s.register_id, s.shift_no, s.first_seq, s.last_seq, s.receipt_count, s.refund_count,
+       s.void_count, s.gross_sales, s.refunds_total, s.payments,
+       st.contiguous_seq
+FROM shifts s
+JOIN register_state st USING (register_id)
+LEFT JOIN shift_reconciliations r USING (register_id, shift_no)
+WHERE s.closed_seq IS NOT NULL AND (r.status IS NULL OR r.status = 'waiting')
+ORDER BY s.closed_at
+LIMIT $1
+"""
+
+_RECEIPT_TOTALS = """
+SELECT kind, count(*) AS n, coalesce(sum(total), 0)::bigint AS total
+FROM receipts WHERE register_id = $1 AND shift_no = $2
+GROUP BY kind
+"""
+
+_VOIDS = """
+SELECT count(*) FROM documents
+WHERE register_id = $1 AND doc_type = 'void' AND seq BETWEEN $3 AND $4
+  AND (payload_json -> 'body' ->> 'shift_no')::bigint = $2
+"""
+
+_SALES_BY_METHOD = """
+SELECT p ->> 'method_id' AS method_id, count(DISTINCT r.seq) AS n,
+       sum((p ->> 'amount')::bigint)::bigint AS amount
+FROM receipts r
+JOIN documents d USING (register_id, seq)
+CROSS JOIN LATERAL jsonb_array_elements(d.payload_json -> 'body' -> 'payments') AS p
+WHERE r.register_id = $1 AND r.shift_no = $2 AND r.kind = 'receipt'
+GROUP BY 1
+"""
+
+_SAVE_SHIFT = """
+INSERT INTO shift_reconciliations (register_id, shift_no, status, differences)
+VALUES ($1, $2, $3, $4::jsonb)
+ON CONFLICT (register_id, shift_no)
+DO UPDATE SET status = EXCLUDED.status, differences = EXCLUDED.differences,
+              checked_at = now()
+"""
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One Z-report field that does not match what central received."""
+
+    field: str
+    reported: int
+    found: int
+
+
+@dataclass
+class PassResult:
+    """What one pass did (``locked`` False: another process's pass was running)."""
+
+    locked: bool = True
+    holes_open: int = 0
+    holes_resolved: int = 0
+    requests: list[ResendRequestBody] = field(default_factory=list)
+    shifts_ok: int = 0
+    shifts_mismatch: int = 0
+    shifts_waiting: int = 0
+
+
+@dataclass
+class ReconcileStats:
+    """Counters of one process, since it started."""
+
+    passes: int = 0
+    skipped: int = 0
+    resend_requests: int = 0
+    holes_resolved: int = 0
+    shifts_ok: int = 0
+    shifts_mismatch: int = 0
+    failures: int = 0
+
+
+async def reconcile_pass(
+    conn: Conn,
+    exchange: aio_pika.abc.AbstractExchange | None,
+    *,
+    hole_grace_s: float,
+    request_cap_s: float,
+) -> PassResult:
+    """One pass in one transaction. With ``exchange`` None, holes are recorded but no
+    request is sent (``tillsync-central reconcile --dry-run``)."""
+    async with conn.transaction():
+        if not await conn.fetchval(_LOCK, *RECONCILE_LOCK):
+            return PassResult(locked=False)
+        result = PassResult()
+        found_registers: list[str] = []
+        found_from: list[int] = []
+        for row in await conn.fetch(_LAGGING):
+            register_id, contiguous = row["register_id"], row["contiguous_seq"]
+            gaps = await conn.fetch(_GAPS, register_id, contiguous, MAX_GAPS_PER_REGISTER)
+            if gaps:
+                await conn.execute(_ADVANCE, register_id, gaps[0]["from_seq"] - 1)
+            else:
+                await conn.execute(_ADVANCE, register_id, row["last_seq"])
+            for gap in gaps:
+                await conn.execute(_OPEN_HOLE, register_id, gap["from_seq"], gap["to_seq"])
+                found_registers.append(register_id)
+                found_from.append(gap["from_seq"])
+        result.holes_open = len(found_from)
+        for hole in await conn.fetch(_RESOLVE, found_registers, found_from):
+            result.holes_resolved += 1
+            log.info(
+                "seq hole filled",
+                register_id=hole["register_id"],
+                from_seq=hole["from_seq"],
+                to_seq=hole["to_seq"],
+                requests=hole["requests"],
+            )
+        if exchange is not None:
+            due = await conn.fetch(_DUE, hole_grace_s, request_cap_s)
+            if due:
+                result.requests = await _request(exchange, due)
+                await conn.execute(_REQUESTED, [row["id"] for row in due])
+        await _reconcile_shifts(conn, result)
+        return result
+
+
+async def _request(
+    exchange: aio_pika.abc.AbstractExchange, due: Sequence[asyncpg.Record]
+) -> list[ResendRequestBody]:
+    bodies = [
+        ResendRequestBody(
+            register_id=row["register_id"],
+            from_seq=row["from_seq"],
+            to_seq=row["to_seq"],
+            reason=f"seqs {row['from_seq']}..{row['to_seq']} missing at central"
+            + (f" (request {row['requests'] + 1})" if row["requests"] else ""),
+        )
+        for row in due
+    ]
+    messages = []
+    for body in bodies:
+        request = ResendRequest(
+            msg_id=str(uuid.uuid4()), created_at=time.time_ns() // 1_000_000, body=body
+        )
+        message = aio_pika.Message(
+            encode(request),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=request.msg_id,
+            type="resend_request",
+            app_id="tillsync-central",
+        )
+        messages.append((message, topology.register_key(body.register_id, "resend")))
+    await publish_in_order(exchange, messages)
+    for body in bodies:
+        log.warning(
+            "resend requested",
+            register_id=body.register_id,
+            from_seq=body.from_seq,
+            to_seq=body.to_seq,
+        )
+    return bodies
+
+
+async def _reconcile_shifts(conn: Conn, result: PassResult) -> None:
+    for shift in await conn.fetch(_CLOSED_SHIFTS, MAX_SHIFTS_PER_PASS):
+        register_id, shift_no = shift["register_id"], shift["shift_no"]
+        if shift["contiguous_seq"] < shift["last_seq"]:
+            await conn.execute(_SAVE_SHIFT, register_id, shift_no, "waiting", "[]")
+            result.shifts_waiting += 1
+            continue
+        differences = await shift_differences(conn, shift)
+        status = "mismatch" if differences else "ok"
+        await conn.execute(
+            _SAVE_SHIFT,
+            register_id,
+            shift_no,
+            status,
+            json.dumps([vars(d) for d in differences]),
+        )
+        if differences:
+            result.shifts_mismatch += 1
+            log.warning(
+                "shift does not reconcile",
+                register_id=register_id,
+                shift_no=shift_no,
+                differences=[vars(d) for d in differences],
+            )
+        else:
+            result.shifts_ok += 1
+
+
+async def shift_differences(conn: Conn, shift: asyncpg.Record) -> list[Difference]:
+    """The Z-report fields of ``shift`` (a ``shifts`` row) that central's documents contradict."""
+    register_id, shift_no = shift["register_id"], shift["shift_no"]
+    totals = {
+        row["kind"]: (row["n"], row["total"])
+        for row in await conn.fetch(_RECEIPT_TOTALS, register_id, shift_no)
+    }
+    voids = await conn.fetchval(
+        _VOIDS, register_id, shift_no, shift["first_seq"], shift["last_seq"]
+    )
+    found: dict[str, int] = {
+        "receipt_count": totals.get("receipt", (0, 0))[0],
+        "refund_count": totals.get("refund", (0, 0))[0],
+        "void_count": voids,
+        "gross_sales": totals.get("receipt", (0, 0))[1],
+        "refunds_total": totals.get("refund", (0, 0))[1],
+    }
+    reported: dict[str, int] = {name: shift[name] for name in found}
+    for row in await conn.fetch(_SALES_BY_METHOD, register_id, shift_no):
+        found[f"payments[{row['method_id']}].count"] = row["n"]
+        found[f"payments[{row['method_id']}].amount"] = row["amount"]
+    for payment in _payments(shift["payments"]):
+        reported[f"payments[{payment['method_id']}].count"] = int(payment["count"])
+        reported[f"payments[{payment['method_id']}].amount"] = int(payment["amount"])
+    return [
+        Difference(name, reported.get(name, 0), found.get(name, 0))
+        for name in sorted(set(found) | set(reported))
+        if reported.get(name, 0) != found.get(name, 0)
+    ]
+
+
+def _payments(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        return []
+    return list(json.loads(value) if isinstance(value, str) else value)
+
+
+class Reconciler:
+    """``await reconciler.run(stopping)``: a pass every ``reconcile_interval_s``."""
+
+    name = "reconciler"
+
+    def __init__(self, settings: CentralSettings, pool: asyncpg.Pool) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._backoff = Backoff(0.5, 30.0)
+        self.stats = ReconcileStats()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            try:
+                await self._session(stopping)
+            except (TimeoutError, Exception) as exc:
+                self.stats.failures += 1
+                log.warning("reconciler session ended", error=f"{type(exc).__name__}: {exc}")
+            if stopping.is_set():
+                break
+            await wait_any((stopping,), self._backoff.next())
+        log.info("reconciler stopped", **vars(self.stats))
+
+    async def _session(self, stopping: asyncio.Event) -> None:
+        connection = await asyncio.wait_for(
+            aio_pika.connect(
+                self._settings.amqp_url.get_secret_value(),
+                timeout=CONNECT_TIMEOUT_S,
+                client_properties={"connection_name": "tillsync-central reconciler"},
+            ),
+            timeout=CONNECT_TIMEOUT_S + 1,
+        )
+        try:
+            closed = asyncio.Event()
+            connection.close_callbacks.add(lambda *_: closed.set())
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(topology.REGISTERS_EXCHANGE, ensure=False)
+            while not stopping.is_set():
+                if closed.is_set():
+                    raise ConnectionError("broker connection closed")
+                await self.run_once(exchange)
+                self._backoff.reset()
+                await wait_any((stopping, closed), self._settings.reconcile_interval_s)
+        finally:
+            try:
+                await asyncio.wait_for(connection.close(), timeout=CLOSE_TIMEOUT_S)
+            except (TimeoutError, Exception):
+                pass  # a dead connection: nothing to close
+
+    async def run_once(self, exchange: aio_pika.abc.AbstractExchange | None) -> PassResult:
+        async with self._pool.acquire() as conn:
+            result = await reconcile_pass(
+                conn,
+                exchange,
+                hole_grace_s=self._settings.reconcile_hole_grace_s,
+                request_cap_s=self._settings.reconcile_request_cap_s,
+            )
+        stats = self.stats
+        if not result.locked:
+            stats.skipped += 1
+            return result
+        stats.passes += 1
+        stats.resend_requests += len(result.requests)
+        stats.holes_resolved += result.holes_resolved
+        stats.shifts_ok += result.shifts_ok
+        stats.shifts_mismatch += result.shifts_mismatch
+        return result

@@ -1,0 +1,255 @@
+"""Reconciliation against real PostgreSQL and RabbitMQ: seq holes are asked for (with
+backoff) and closed, and Z-reports are checked against the documents received."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+
+from central.conftest import Enroll, new_id
+from central.tills import Till
+from tillsync_central.reconcile import Difference, reconcile_pass
+from tillsync_central.runner import IngestService
+from tillsync_central.settings import CentralSettings
+from tillsync_protocol import ResendRequest, decode_control, topology
+from tillsync_protocol.control import ResendRequestBody
+
+
+class RecordingTill(Till):
+    """A till that also keeps the resend requests central sends it."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.requests: list[ResendRequestBody] = []
+
+    async def _on_ack(self, message: AbstractIncomingMessage) -> None:
+        control = decode_control(message.body)
+        if isinstance(control, ResendRequest):
+            self.requests.append(control.body)
+            self._changed.set()
+        else:
+            await super()._on_ack(message)
+
+    async def wait_requests(self, n: int, timeout: float = 10.0) -> list[ResendRequestBody]:
+        async with asyncio.timeout(timeout):
+            while len(self.requests) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.requests
+
+
+@pytest.fixture
+async def exchange(settings: CentralSettings, declared: None) -> AsyncIterator[AbstractExchange]:
+    connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=15)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        yield await channel.get_exchange(topology.REGISTERS_EXCHANGE, ensure=False)
+
+
+def _open(shift_no: int = 1) -> dict[str, Any]:
+    return {"shift_no": shift_no, "employee_id": "emp-1", "currency": "CZK", "opening_float": 0}
+
+
+def _receipt(n: int, total: int, method: str = "cash") -> dict[str, Any]:
+    return {
+        "receipt_no": f"R-{n}",
+        "shift_no": 1,
+        "employee_id": "emp-1",
+        "currency": "CZK",
+        "lines": [
+            {
+                "line_no": 1,
+                "item_id": "bread",
+                "name": "Bread",
+                "qty_milli": 1000,
+                "unit_price": total,
+                "tax_rate_id": "cz-12",
+                "tax_rate_bp": 1200,
+                "total": total,
+            }
+        ],
+        "payments": [{"method_id": method, "amount": total}],
+        "total": total,
+    }
+
+
+def _z_report(
+    first: int, last: int, payments: list[dict[str, Any]], **fields: int
+) -> dict[str, Any]:
+    gross = sum(p["amount"] for p in payments)
+    report = {
+        "shift_no": 1,
+        "z_number": 1,
+        "employee_id": "emp-1",
+        "currency": "CZK",
+        "first_seq": first,
+        "last_seq": last,
+        "receipt_count": sum(p["count"] for p in payments),
+        "refund_count": 0,
+        "void_count": 0,
+        "gross_sales": gross,
+        "refunds_total": 0,
+        "net_total": gross,
+        "payments": payments,
+        "taxes": [],
+        "cash_expected": gross,
+        "cash_counted": gross,
+    }
+    report.update(fields)
+    return report
+
+
+async def _pass(pool: asyncpg.Pool, exchange: AbstractExchange | None, grace: float) -> Any:
+    async with pool.acquire() as conn:
+        return await reconcile_pass(conn, exchange, hole_grace_s=grace, request_cap_s=3600)
+
+
+async def test_holes_are_asked_for_after_the_grace_with_backoff_and_closed_when_filled(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool, exchange: AbstractExchange
+) -> None:
+    till = RecordingTill(await enroll())
+    async with till:
+        docs = {seq: till.document(seq) for seq in range(1, 11)}
+        first = [docs[seq] for seq in (1, 2, 3, 6, 7, 9, 10)]
+        await till.publish_documents(first)
+        await till.wait_for(doc["seq"] for doc in first)
+
+        # Within the grace: recorded, not asked for.
+        result = await _pass(pool, exchange, grace=0.5)
+        assert result.locked
+        assert result.holes_open == 2
+        assert result.requests == []
+        state = await pool.fetchrow(
+            "SELECT contiguous_seq, last_seq FROM register_state WHERE register_id = $1",
+            till.register_id,
+        )
+        assert (state["contiguous_seq"], state["last_seq"]) == (3, 10)
+
+        await asyncio.sleep(0.6)
+        result = await _pass(pool, exchange, grace=0.5)
+        assert [(r.from_seq, r.to_seq) for r in result.requests] == [(4, 5), (8, 8)]
+        received = await till.wait_requests(2)
+        assert sorted((r.register_id, r.from_seq, r.to_seq) for r in received) == [
+            (till.register_id, 4, 5),
+            (till.register_id, 8, 8),
+        ]
+        # Backoff: the next request waits twice the grace.
+        assert (await _pass(pool, exchange, grace=0.5)).requests == []
+        await asyncio.sleep(1.1)
+        again = await _pass(pool, exchange, grace=0.5)
+        assert len(again.requests) == 2
+        await till.wait_requests(4)
+
+        # The register resends: both holes close and the cursor reaches the end.
+        rest = [docs[seq] for seq in (4, 5, 8)]
+        await till.publish_documents(rest)
+        await till.wait_for(doc["seq"] for doc in rest)
+        result = await _pass(pool, exchange, grace=0.5)
+        assert (result.holes_open, result.holes_resolved, result.requests) == (0, 2, [])
+    holes = await pool.fetch(
+        "SELECT from_seq, to_seq, requests, resolved_at IS NOT NULL AS resolved"
+        " FROM seq_holes WHERE register_id = $1 ORDER BY from_seq",
+        till.register_id,
+    )
+    assert [tuple(h) for h in holes] == [(4, 5, 2, True), (8, 8, 2, True)]
+    assert (
+        await pool.fetchval(
+            "SELECT contiguous_seq FROM register_state WHERE register_id = $1", till.register_id
+        )
+        == 10
+    )
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM documents WHERE register_id = $1", till.register_id
+        )
+        == 10
+    )
+
+
+async def test_a_hole_filled_from_its_start_leaves_a_new_hole_for_the_rest(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    till = RecordingTill(await enroll())
+    async with till:
+        docs = {seq: till.document(seq) for seq in range(1, 7)}
+        await till.publish_documents([docs[1], docs[6]])
+        await till.wait_for([1, 6])
+        assert (await _pass(pool, None, grace=0)).holes_open == 1
+        await till.publish_documents([docs[2], docs[3]])
+        await till.wait_for([2, 3])
+        result = await _pass(pool, None, grace=0)
+        assert (result.holes_open, result.holes_resolved) == (1, 1)
+    holes = await pool.fetch(
+        "SELECT from_seq, to_seq, resolved_at IS NULL AS open FROM seq_holes"
+        " WHERE register_id = $1 ORDER BY id",
+        till.register_id,
+    )
+    assert [tuple(h) for h in holes] == [(2, 5, False), (4, 5, True)]
+
+
+async def test_only_one_pass_runs_at_a_time(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    async with pool.acquire() as holder, holder.transaction():
+        assert await holder.fetchval("SELECT pg_try_advisory_xact_lock(29801, 24256)")
+        result = await _pass(pool, None, grace=0)
+        assert not result.locked
+    assert (await _pass(pool, None, grace=0)).locked
+
+
+async def test_z_reports_are_checked_once_their_range_is_complete(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    center = new_id("c")
+    good, bad = RecordingTill(await enroll(center)), RecordingTill(await enroll(center))
+    sales = [(2, 1500, "cash"), (3, 2500, "card"), (4, 1000, "card")]
+    for till in (good, bad):
+        async with till:
+            docs = [till.document(1, "shift_open", _open())]
+            docs += [till.document(seq, "receipt", _receipt(seq, t, m)) for seq, t, m in sales]
+            payments = [
+                {"method_id": "card", "count": 2, "amount": 3500},
+                {"method_id": "cash", "count": 1, "amount": 1500},
+            ]
+            if till is bad:
+                # The register claims one more card sale than central received.
+                payments[0] = {"method_id": "card", "count": 3, "amount": 4100}
+            docs.append(till.document(5, "shift_close", _z_report(1, 5, payments)))
+            # Receipt 3 is late: the good register's shift waits for it.
+            early = [d for d in docs if d["seq"] != 3]
+            await till.publish_documents(early)
+            await till.wait_for(d["seq"] for d in early)
+            if till is good:
+                result = await _pass(pool, None, grace=60)
+                assert (result.shifts_waiting, result.shifts_ok) == (1, 0)
+            await till.publish_documents([d for d in docs if d["seq"] == 3])
+            await till.wait_for([3])
+
+    result = await _pass(pool, None, grace=60)
+    assert (result.shifts_ok, result.shifts_mismatch, result.shifts_waiting) == (1, 1, 0)
+    rows = {
+        r["register_id"]: r
+        for r in await pool.fetch(
+            "SELECT register_id, status, differences FROM shift_reconciliations"
+        )
+    }
+    assert rows[good.register_id]["status"] == "ok"
+    assert json.loads(rows[good.register_id]["differences"]) == []
+    assert rows[bad.register_id]["status"] == "mismatch"
+    differences = [Difference(**d) for d in json.loads(rows[bad.register_id]["differences"])]
+    assert differences == [
+        Difference("gross_sales", 5600, 5000),
+        Difference("payments[card].amount", 4100, 3500),
+        Difference("payments[card].count", 3, 2),
+        Difference("receipt_count", 4, 3),
+    ]
+    # Final: another pass neither re-checks nor changes them.
+    result = await _pass(pool, None, grace=60)
+    assert (result.shifts_ok, result.shifts_mismatch, result.shifts_waiting) == (0, 0, 0)
