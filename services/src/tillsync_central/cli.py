@@ -36,6 +36,7 @@ from .provisioning import Enrollment, RegisterInfo, RegisterTls, Revocation
 from .settings import CentralSettings, load_settings, redact_url
 
 if TYPE_CHECKING:
+    from .broker_users import ServiceUser
     from .catalog import Change
     from .catalog_import import ImportReport
     from .commands import ReinitOrder
@@ -188,6 +189,68 @@ def run_command(
         # Under systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; else no-ops.
         notifier = Notifier.from_environment(os.environ, os.getpid())
         asyncio.run(run(settings, workers=workers, rpc_workers=rpc_workers, notifier=notifier))
+
+
+broker_app = typer.Typer(help="Central's own broker users.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+
+
+async def _setup_users(
+    settings: CentralSettings, user: str, password: str | None, rotate: bool
+) -> ServiceUser:
+    from .broker_users import setup_service_user
+    from .management import Management
+
+    async with Management.from_settings(settings) as management:
+        return await setup_service_user(
+            management,
+            settings.amqp_url.get_secret_value(),
+            user=user,
+            password=password,
+            rotate=rotate,
+        )
+
+
+@broker_app.command("setup-users")
+def broker_setup_users(
+    user: Annotated[
+        str, typer.Option("--user", help="The service user's name.")
+    ] = "tillsync-central",
+    password: Annotated[
+        str | None,
+        typer.Option("--password", help="Set this password (default: keep, or random if new)."),
+    ] = None,
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="Give an existing user a new random password.")
+    ] = False,
+    url_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--url-file",
+            help="Write the service user's amqp_url here (mode 0600) instead of printing it.",
+            dir_okay=False,
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Create or update central's least-privilege broker user on amqp_url's vhost (through
+    the management API, with rabbitmq_api_url's administrator); idempotent. Point the
+    workers' amqp_url at it."""
+    with _reported_errors():
+        settings = _settings(config)
+        result = asyncio.run(_setup_users(settings, user, password, rotate))
+        _log.info("service user set up", user=result.user, created=result.created)
+        what = "created" if result.created else "updated"
+        if result.amqp_url is None:
+            _out.print(f"{what} broker user {result.user}: permissions applied, password kept")
+        elif url_file is not None:
+            url_file.touch(mode=0o600, exist_ok=True)
+            url_file.chmod(0o600)
+            url_file.write_text(result.amqp_url + "\n", encoding="utf-8")
+            _out.print(f"{what} broker user {result.user}; its amqp_url written to {url_file}")
+        else:
+            _out.print(f"{what} broker user {result.user}")
+            _out.print(f"amqp_url = {result.amqp_url}", highlight=False, markup=False)
 
 
 registers_app = typer.Typer(help="Enroll, list and revoke registers.", no_args_is_help=True)
@@ -620,6 +683,124 @@ def reinit_command(
             _out.print(f"no active register in center {center}", highlight=False)
         for target in targets:
             _out.print(f"reinit ({mode}) sent to {target}", highlight=False)
+
+
+users_app = typer.Typer(help="Operators of the admin API and dashboard.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+
+def _read_password(password_file: Path | None) -> str:
+    """From ``--password-file``, else ``TILLSYNC_OPERATOR_PASSWORD``, else a prompt."""
+    if password_file is not None:
+        try:
+            return password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise TillsyncError(
+                f"cannot read {password_file}: {exc.strerror}",
+                field="password_file",
+                code="invalid_value",
+            ) from None
+    from_env = os.environ.get("TILLSYNC_OPERATOR_PASSWORD")
+    if from_env:
+        return from_env
+    return str(typer.prompt("Password", hide_input=True, confirmation_prompt=True))
+
+
+async def _add_user(settings: CentralSettings, username: str, role: str, password: str) -> str:
+    from .admin import add_operator
+
+    await _migrate(settings)
+    pool = await create_pool(settings)
+    try:
+        operator = await add_operator(pool, username, role, password)
+        from .admin.audit import record
+
+        await record(pool, "tillsync-central cli", "operator.add", username, {"role": role})
+    finally:
+        await pool.close()
+    return operator.role
+
+
+@users_app.command("add")
+def users_add(
+    username: Annotated[str, typer.Argument(help="The operator's login name.")],
+    role: Annotated[
+        str, typer.Option("--role", help="administrator, supervisor or viewer.")
+    ] = "viewer",
+    password_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--password-file",
+            help="Read the password from this file (else $TILLSYNC_OPERATOR_PASSWORD, "
+            "else a prompt).",
+            dir_okay=False,
+        ),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Add an operator (the first administrator is made this way)."""
+    with _reported_errors():
+        settings = _settings(config)
+        password = _read_password(password_file)
+        created_role = asyncio.run(_add_user(settings, username, role, password))
+        _log.info("operator added", username=username, role=created_role)
+        _out.print(f"added {username} ({created_role})", highlight=False)
+
+
+async def _list_users(settings: CentralSettings) -> list[dict[str, str | None]]:
+    from .admin import list_operators
+
+    pool = await create_pool(settings)
+    try:
+        return [operator.to_dict() for operator in await list_operators(pool)]
+    finally:
+        await pool.close()
+
+
+@users_app.command("list")
+def users_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per operator.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List the operators and their roles."""
+    with _reported_errors():
+        settings = _settings(config)
+        operators = asyncio.run(_list_users(settings))
+        if as_json:
+            for operator in operators:
+                _out.print(json.dumps(operator), highlight=False, markup=False, soft_wrap=True)
+            return
+        table = Table(Column("username", no_wrap=True), "role", "created at", "disabled at")
+        for operator in operators:
+            table.add_row(
+                operator["username"],
+                operator["role"],
+                operator["created_at"],
+                operator["disabled_at"] or "",
+            )
+        _out.print(table)
+
+
+@app.command("api")
+def api_command(
+    config: ConfigOption = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Listen here (default: admin_host).")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option("--port", min=0, max=65535, help="Listen here (default: admin_port)."),
+    ] = None,
+) -> None:
+    """Serve the admin API and dashboard alone (no workers) until SIGTERM or SIGINT."""
+    from .admin.serve import serve_api
+
+    with _reported_errors():
+        settings = _settings(config)
+        overrides = {k: v for k, v in (("admin_host", host), ("admin_port", port)) if v is not None}
+        if overrides:
+            settings = settings.model_copy(update=overrides)
+        asyncio.run(serve_api(settings))
 
 
 def main() -> None:

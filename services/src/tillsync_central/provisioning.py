@@ -38,6 +38,7 @@ from .management import Management
 
 __all__ = [
     "Enrollment",
+    "Permissions",
     "ProvisioningError",
     "RegisterInfo",
     "RegisterTls",

@@ -1,0 +1,122 @@
+"""Central's own broker user, with only the rights its workers use (issue #6).
+
+``tillsync-central run`` (ingest, dead letters, relay, catalog RPC, presence) and the
+commands that publish (``reinit``, dead-letter replay) log in with ``amqp_url``. In
+production that is the service user this module provisions, not the administrator whose
+credentials are in ``rabbitmq_api_url`` (which only enrolling and revoking registers
+need). The broker enforces, on the central vhost:
+
+- configure: the shared topology only (each process declares it at start-up, which is
+  idempotent) — never a register's queue, so it cannot delete or redeclare one;
+- write: the exchanges central publishes to (``tillsync.registers``: acks, delta pages,
+  commands, resend requests; ``tillsync.catalog``: catalog changes) and its own queues
+  (binding a queue needs write on it) — never ``tillsync.docs``, so it cannot forge a
+  register's document, and, by topic permissions, no heartbeats on ``tillsync.presence``;
+- read: its own queues and the exchanges they are bound to — never a register's queue;
+- no tags: no management API access, so it cannot create users or change permissions.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from tillsync_protocol import topology
+
+from .management import Management
+from .provisioning import Permissions, ProvisioningError, register_amqp_url
+
+__all__ = ["SERVICE_USER", "ServiceUser", "service_permissions", "setup_service_user"]
+
+SERVICE_USER = "tillsync-central"
+
+_USER = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_PUBLISHES_TO = (topology.REGISTERS_EXCHANGE, topology.CATALOG_EXCHANGE)
+
+
+@dataclass(frozen=True)
+class ServiceUser:
+    """The outcome of :func:`setup_service_user`."""
+
+    user: str
+    created: bool
+    password_changed: bool
+    amqp_url: str | None
+    """``amqp_url`` with the service user's credentials when its password was set now
+    (else None: the password is unchanged and not known here)."""
+
+    def __repr__(self) -> str:  # the URL carries the password
+        return (
+            f"ServiceUser(user={self.user!r}, created={self.created}, "
+            f"password_changed={self.password_changed}, amqp_url='***')"
+        )
+
+
+def _alternatives(names: list[str] | tuple[str, ...]) -> str:
+    return "^(" + "|".join(re.escape(name) for name in sorted(set(names))) + ")$"
+
+
+def service_permissions() -> Permissions:
+    """The service user's permissions on the central vhost (regexes)."""
+    exchanges = [exchange.name for exchange in topology.exchanges()]
+    queues = [queue.name for queue in topology.queues()]
+    bound_from = [binding.exchange for binding in topology.shared_bindings()]
+    # Topic exchanges it must not publish to get an empty topic permission: the presence
+    # queue shares its name with the presence exchange, so write on the queue (to bind
+    # it) is also write on the exchange, and only this denies forged heartbeats.
+    topic_write = {
+        exchange.name: "^$"
+        for exchange in topology.exchanges()
+        if exchange.type == "topic" and exchange.name not in _PUBLISHES_TO
+    }
+    topic_write[topology.REGISTERS_EXCHANGE] = r"^reg\.[a-z0-9-]+\.[a-z_]+$"
+    topic_write[topology.CATALOG_EXCHANGE] = r"^cat\.[a-z0-9-]+\.[a-z_]+$"
+    return Permissions(
+        configure=_alternatives(exchanges + queues),
+        write=_alternatives([*_PUBLISHES_TO, *queues]),
+        read=_alternatives(queues + bound_from),
+        topic_write=topic_write,
+    )
+
+
+async def setup_service_user(
+    management: Management,
+    amqp_url: str,
+    *,
+    user: str = SERVICE_USER,
+    password: str | None = None,
+    rotate: bool = False,
+) -> ServiceUser:
+    """Create or update the service user and (re)apply its permissions; idempotent.
+
+    An existing user keeps its password unless ``password`` is given or ``rotate`` asks
+    for a new random one, so running this again does not lock out running workers.
+    ``amqp_url`` gives the host and vhost of the returned URL.
+    """
+    if not _USER.match(user) or user.startswith("reg-"):
+        raise ProvisioningError(
+            f"{user!r} is not a valid service user: lowercase letters, digits and '-', "
+            "not starting with 'reg-' (registers' users)",
+            field="user",
+            code="invalid_value",
+        )
+    if password == "":
+        raise ProvisioningError("the password must not be empty", field="password")
+    exists = await management.user_exists(user)
+    if password is None and (rotate or not exists):
+        password = secrets.token_urlsafe(24)
+    if password is not None:
+        await management.put_user(user, password)  # no tags: no management API
+    rights = service_permissions()
+    await management.set_permissions(
+        user, configure=rights.configure, write=rights.write, read=rights.read
+    )
+    for exchange, write in rights.topic_write.items():
+        await management.set_topic_permissions(user, exchange, write=write, read="^$")
+    return ServiceUser(
+        user=user,
+        created=not exists,
+        password_changed=password is not None,
+        amqp_url=None if password is None else register_amqp_url(amqp_url, user, password),
+    )
