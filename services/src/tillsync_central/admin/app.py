@@ -1,0 +1,189 @@
+"""The admin app (Starlette) and its server (uvicorn), run alone by ``tillsync-central api``
+or beside the workers by ``tillsync-central run``.
+
+:class:`AdminServer` owns its lifetime like the agent's local API: :meth:`start` binds the
+port (so a port in use fails at once), :meth:`serve` runs uvicorn, the queue monitor and
+the live feed in one task group until ``stopping`` is set; signals belong to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+import structlog
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount
+from starlette.staticfiles import StaticFiles
+
+from tillsync_protocol import ConfigError, TillsyncError
+
+from ..metrics import build_registry, metrics_app
+from ..settings import CentralSettings
+from .api import ENDPOINTS
+from .auth import api_route
+from .context import AdminContext
+from .errors import error_response, status_of
+from .pages import page_routes
+
+if TYPE_CHECKING:
+    from ..runner import CentralService
+
+__all__ = ["AdminServer", "create_app", "serving_admin"]
+
+log = structlog.get_logger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+SHUTDOWN_TIMEOUT_S = 5
+
+
+def create_app(ctx: AdminContext, service: CentralService | None = None) -> Starlette:
+    """The ASGI app: the JSON API, the pages, the static files and ``/metrics`` (the fleet
+    gauges, and ``service``'s counters when it runs in this process)."""
+
+    async def tillsync_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, TillsyncError)
+        return error_response(status_of(exc), exc.code, exc.field, exc.reason)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        reason = f"no endpoint {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return error_response(exc.status_code, code, "", reason)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("admin request failed", path=request.url.path)
+        return error_response(500, "internal", "", f"{type(exc).__name__} (see central's log)")
+
+    routes: list[BaseRoute] = [
+        *(api_route(ctx, endpoint) for endpoint in ENDPOINTS),
+        *page_routes(ctx),
+        Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
+        Mount("/metrics", app=metrics_app(build_registry(ctx.pool, ctx.settings, service=service))),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={
+            TillsyncError: tillsync_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+    )
+    app.state.ctx = ctx
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the process's runner owns SIGTERM and SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class AdminServer:
+    """The admin API and dashboard over one pool."""
+
+    def __init__(
+        self,
+        settings: CentralSettings,
+        pool: asyncpg.Pool,
+        service: CentralService | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ctx = AdminContext.build(settings, pool)
+        self.app = create_app(self.ctx, service)
+        self.host = settings.admin_host
+        self.port = settings.admin_port
+        self._socket: socket.socket | None = None
+        self.serving = asyncio.Event()
+
+    def start(self) -> None:
+        """Bind now, so that a port in use fails the start-up (``ConfigError``)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(
+                f"the admin API cannot listen on {self.host}:{self.port}: {exc.strerror}",
+                field="admin_port",
+            ) from None
+        sock.listen(256)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._socket = sock
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def serve(self, stopping: asyncio.Event) -> None:
+        """Serve until ``stopping``; then end the event streams and finish open requests."""
+        if self._socket is None:
+            self.start()
+        assert self._socket is not None
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            http="h11",
+            ws="none",
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
+        )
+        server = _Server(config)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(server.serve(sockets=[self._socket]))
+                group.create_task(self.ctx.feed.run(stopping))
+                group.create_task(self.ctx.monitor.run(stopping))
+                log.info("admin api listening", url=self.url)
+                self.serving.set()
+                await stopping.wait()
+                for subscriber in list(self.ctx.feed.subscribers):
+                    subscriber.close()
+                server.should_exit = True
+        finally:
+            self._socket.close()
+            self._socket = None
+
+
+@contextlib.asynccontextmanager
+async def serving_admin(
+    settings: CentralSettings, pool: asyncpg.Pool, service: CentralService | None = None
+) -> AsyncIterator[AdminServer | None]:
+    """Serve the admin API beside ``tillsync-central run``'s workers while the block runs.
+
+    Yields None (and serves nothing) when ``admin_in_run`` is off, or when the port is
+    taken: that is logged as an error, never fatal, because the workers matter more than
+    the dashboard (``tillsync-central api`` fails on it instead).
+    """
+    if not settings.admin_in_run:
+        yield None
+        return
+    server = AdminServer(settings, pool, service)
+    try:
+        server.start()
+    except ConfigError as exc:
+        log.error("admin api not served", code=exc.code, field=exc.field, reason=exc.reason)
+        yield None
+        return
+    stopping = asyncio.Event()
+    async with asyncio.TaskGroup() as group:
+        group.create_task(server.serve(stopping), name="admin-api")
+        try:
+            yield server
+        finally:
+            stopping.set()
