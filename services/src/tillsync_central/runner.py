@@ -18,6 +18,7 @@ import aio_pika
 import asyncpg
 import structlog
 
+from .admin.app import serving_admin
 from .catalog_rpc import CatalogRpcWorker, RpcStats
 from .db import connect, create_pool, migrate
 from .ingest import DeadLetterWorker, IngestStats, IngestWorker
@@ -174,7 +175,11 @@ async def run(
                 await service.wait_consuming(timeout=None)
                 consuming.set()
 
-            async with serving_metrics(settings, service), asyncio.TaskGroup() as group:
+            async with (
+                serving_metrics(settings, service),
+                serving_admin(settings, pool, service),  # the dashboard: docs/admin.md
+                asyncio.TaskGroup() as group,
+            ):
                 # Cancelled by the service's end if it never got that far.
                 waiter = group.create_task(ready_when_consuming())
                 run_task = group.create_task(
