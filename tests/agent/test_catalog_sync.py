@@ -333,3 +333,34 @@ async def test_real_time_changes_during_a_sync_are_held_then_rechecked(
 
 async def _asked(central: FakeCentral, n: int) -> bool:
     return len(central.requests) >= n
+
+
+async def test_a_burst_of_changes_is_applied_in_order_without_a_delta(
+    fresh_vhost: str, tmp_path: Path
+) -> None:
+    # Changes that arrive while others are being applied are applied together: 300 in a
+    # burst must still land in order, each exactly once, with no gap seen on the way.
+    async with fake_central(fresh_vhost) as central, running_agent(fresh_vhost, tmp_path) as agent:
+        await wait_for(lambda: cursors_are(agent, {"global": 0, CENTER: 0}), "start-up")
+        burst = [central.edit(f"i-{n:03d}", item_state(f"n{n}", price=n)) for n in range(300)]
+        events: list[str] = []
+        transactions: list[int] = []
+        apply_changes = agent.replica.apply_changes
+
+        async def counted(changes: Any) -> Any:
+            transactions.append(len(changes))
+            return await apply_changes(changes)
+
+        agent.replica.apply_changes = counted  # type: ignore[method-assign]
+        agent.on_change(lambda event: events.append(str(event.key)))
+        # As the register queue's consumer calls it: one task per delivery, in order.
+        await asyncio.gather(*(agent.catalog_sync.on_change(change) for change in burst))
+        assert await agent.replica.cursors() == {"global": 300, CENTER: 0}
+        assert events == [f"i-{n:03d}" for n in range(300)]
+        items = sorted(await agent.replica.all("items"), key=lambda e: e.key)
+        assert [(e.key, e.state["gross_price"]) for e in items] == [
+            (f"i-{n:03d}", n) for n in range(300)
+        ]
+        assert len(central.requests) == 1  # the start-up delta only
+        assert sum(transactions) == 300
+        assert len(transactions) < 100

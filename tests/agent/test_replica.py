@@ -518,3 +518,42 @@ async def test_edit_item_rolls_back_both_when_the_outbox_write_fails(
         assert item.state["gross_price"] == 100
         assert await outbox.due(10) == []
         assert outbox.counts.last_seq == 0
+
+
+async def test_changes_applied_together_end_as_if_applied_one_by_one(tmp_path: Path) -> None:
+    burst = [
+        change(1, "a", item_state("a", barcodes=["1"])),
+        change(2, "b", item_state("b", barcodes=["2"])),
+        change(2, "b", item_state("b-again")),  # duplicate
+        change(4, "d"),  # gap: nothing written, the cursor stays
+        change(1, "x", scope="c-2"),  # a scope this register does not follow
+        change(3, "c", item_state("c", barcodes=["1"])),  # takes barcode 1 from a
+        change(4, "d"),
+        change(1, "p", entity="taxes", scope=CENTER),
+        change(5, "a", op="delete", version=2),
+        change(6, "f", item_state("f", labels=["fuel"])),  # not kept (labels)
+    ]
+    tables = ("catalog", "catalog_cursors", "item_barcodes")
+    results = []
+    for together in (True, False):
+        db = tmp_path / f"{together}.db"
+        async with open_replica(db, labels=["bistro"]) as (_, replica, _):
+            events: list[CatalogEvent] = []
+            replica.on_change(events.append)
+            if together:
+                statuses = await replica.apply_changes(burst)
+            else:
+                statuses = [await replica.apply_change(c) for c in burst]
+        contents = [rows(db, f"SELECT * FROM {table} ORDER BY 1, 2") for table in tables]
+        results.append((statuses, events, contents))
+    assert results[0] == results[1]
+    statuses, events, contents = results[0]
+    assert statuses == [
+        "applied", "applied", "duplicate", "gap", "ignored",
+        "applied", "applied", "applied", "applied", "applied",
+    ]  # fmt: skip
+    assert [(e.key, e.op) for e in events] == [
+        ("a", "upsert"), ("b", "upsert"), ("c", "upsert"), ("d", "upsert"), ("p", "upsert"),
+        ("a", "delete"),
+    ]  # fmt: skip
+    assert contents[2] == [("1", "c"), ("2", "b")]

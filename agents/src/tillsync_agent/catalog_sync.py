@@ -126,6 +126,7 @@ class CatalogSync:
         self._rpc = DeltaRpc(settings, replica, self._link_lost)
         self._holding = False
         self._held: list[CatalogChangeBody] = []
+        self._incoming: list[tuple[CatalogChangeBody, asyncio.Future[None]]] = []
         self._held_overflow = False
         self._order = asyncio.Lock()
         self._retry = Backoff(settings.retry_base_s, settings.retry_cap_s)
@@ -192,24 +193,48 @@ class CatalogSync:
     # -- what arrives in the register's queue -------------------------------------------
 
     async def on_change(self, change: CatalogChangeBody) -> None:
-        """A real-time ``catalog_change``: applied, or held while a sync runs."""
-        async with self._order:  # the first await: changes keep their arrival order
-            if self._holding:
-                if len(self._held) < MAX_HELD:
-                    self._held.append(change)
-                else:
-                    self._held_overflow = True
-                return
-            await self._apply(change)
+        """A real-time ``catalog_change``: applied, or held while a sync runs. Returns once
+        it is committed (or held). Changes that arrive while others are being applied are
+        applied together, in arrival order, in one transaction."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._incoming.append((change, waiter))  # before the first await: arrival order
+        async with self._order:
+            if not waiter.done():  # else an earlier caller took this change with its own
+                batch, self._incoming = self._incoming, []
+                try:
+                    await self._take([c for c, _ in batch])
+                except BaseException as exc:
+                    for _, other in batch:
+                        if other is waiter:
+                            continue
+                        if isinstance(exc, Exception):
+                            other.set_exception(exc)
+                        else:
+                            other.cancel()
+                    raise
+                for _, other in batch:
+                    other.set_result(None)
+        waiter.result()
+
+    async def _take(self, changes: list[CatalogChangeBody]) -> None:
+        if self._holding:
+            room = MAX_HELD - len(self._held)
+            self._held.extend(changes[:room])
+            if len(changes) > room:
+                self._held_overflow = True
+            return
+        await self._apply(changes)
 
     def on_reply(self, reply: DeltaPage | DeltaEnd) -> None:
         self._rpc.on_reply(reply)
 
-    async def _apply(self, change: CatalogChangeBody) -> None:
-        status = await self._replica.apply_change(change)
-        if status == "gap":
-            log.info("catalog gap", scope=change.scope, scope_seq=change.scope_seq)
-            self.request_delta("gap")
+    async def _apply(self, changes: list[CatalogChangeBody]) -> None:
+        statuses = await self._replica.apply_changes(changes)
+        for change, status in zip(changes, statuses, strict=True):
+            if status == "gap":
+                log.info("catalog gap", scope=change.scope, scope_seq=change.scope_seq)
+                self.request_delta("gap")
+                break
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -379,8 +404,9 @@ class CatalogSync:
     async def _release_held(self) -> None:
         """Re-check the real-time changes held during the sync, in order."""
         async with self._order:
-            while self._held:
-                await self._apply(self._held.pop(0))
+            if self._held:
+                held, self._held = self._held, []
+                await self._apply(held)
             if self._held_overflow:
                 self._held_overflow = False
                 self.request_delta("changes dropped during a sync")

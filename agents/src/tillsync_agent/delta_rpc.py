@@ -52,6 +52,9 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+STAGE_PAGES_MAX = 8
+"""Pages already received that are staged together, in one transaction."""
+
 
 class NotConnectedError(TillsyncError):
     """A sync needs the broker and the link is down."""
@@ -215,16 +218,26 @@ class DeltaRpc:
         pages: set[int] = set()
         foreign = 0
         while True:
-            reply = await self._next_reply(replies, timeout)
+            reply: DeltaPage | DeltaEnd | None = await self._next_reply(replies, timeout)
             if isinstance(reply, DeltaPage):
-                if reply.body.page_no in pages:
-                    continue  # redelivered
-                pages.add(reply.body.page_no)
-                foreign += await self._replica.stage(request_id, reply.body)
-                progress.phase = "receiving"
-                progress.pages = len(pages)
-                progress.received += len(reply.body.changes)
-                notify()
+                # Pages that arrived meanwhile are staged with this one, in one commit (a
+                # few at most: the write lock is shared with the POS app's submits).
+                batch: list[DeltaPage] = []
+                while isinstance(reply, DeltaPage):
+                    if reply.body.page_no not in pages:  # else redelivered
+                        pages.add(reply.body.page_no)
+                        batch.append(reply)
+                    more = len(batch) < STAGE_PAGES_MAX and not replies.empty()
+                    reply = replies.get_nowait() if more else None
+                if batch:
+                    foreign += await self._replica.stage_pages(
+                        request_id, [page.body for page in batch]
+                    )
+                    progress.phase = "receiving"
+                    progress.pages = len(pages)
+                    progress.received += sum(len(page.body.changes) for page in batch)
+                    notify()
+            if reply is None:
                 continue
             end = reply.body
             if end.error_code is not None:
