@@ -72,11 +72,18 @@ def service_permissions() -> Permissions:
     }
     topic_write[topology.REGISTERS_EXCHANGE] = r"^reg\.[a-z0-9-]+\.[a-z_]+$"
     topic_write[topology.CATALOG_EXCHANGE] = r"^cat\.[a-z0-9-]+\.[a-z_]+$"
+    # queue.bind checks the binding key against the topic read permission.
+    topic_read = {
+        binding.exchange: f"^{re.escape(binding.routing_key)}$"
+        for binding in topology.shared_bindings()
+        if binding.exchange in topic_write
+    }
     return Permissions(
         configure=_alternatives(exchanges + queues),
         write=_alternatives([*_PUBLISHES_TO, *queues]),
         read=_alternatives(queues + bound_from),
         topic_write=topic_write,
+        topic_read=topic_read,
     )
 
 
@@ -113,7 +120,8 @@ async def setup_service_user(
         user, configure=rights.configure, write=rights.write, read=rights.read
     )
     for exchange, write in rights.topic_write.items():
-        await management.set_topic_permissions(user, exchange, write=write, read="^$")
+        read = rights.topic_read.get(exchange, "^$")
+        await management.set_topic_permissions(user, exchange, write=write, read=read)
     return ServiceUser(
         user=user,
         created=not exists,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -138,6 +138,9 @@ class Permissions:
     write: str
     read: str
     topic_write: dict[str, str]
+    topic_read: dict[str, str] = field(default_factory=dict)
+    """Per topic exchange, the binding keys allowed (``queue.bind`` checks them); ``^$``
+    for an exchange in ``topic_write`` but not here."""
 
 
 def permissions_for(center_id: str, register_id: str) -> Permissions:
