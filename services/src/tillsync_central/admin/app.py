@@ -22,8 +22,9 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Mount
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tillsync_protocol import ConfigError, TillsyncError
 
@@ -68,7 +69,9 @@ def create_app(ctx: AdminContext, service: CentralService | None = None) -> Star
         *(api_route(ctx, endpoint) for endpoint in ENDPOINTS),
         *page_routes(ctx),
         Mount("/static", app=StaticFiles(directory=str(STATIC)), name="static"),
-        Mount("/metrics", app=metrics_app(build_registry(ctx.pool, ctx.settings, service=service))),
+        Route(
+            "/metrics", _Asgi(metrics_app(build_registry(ctx.pool, ctx.settings, service=service)))
+        ),
     ]
     app = Starlette(
         routes=routes,
@@ -80,6 +83,16 @@ def create_app(ctx: AdminContext, service: CentralService | None = None) -> Star
     )
     app.state.ctx = ctx
     return app
+
+
+class _Asgi:
+    """An ASGI app as a route's endpoint (Starlette treats plain functions as handlers)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class _Server(uvicorn.Server):

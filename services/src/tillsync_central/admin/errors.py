@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from tillsync_protocol import ProtocolError, TillsyncError
+from tillsync_protocol import TillsyncError
 
 __all__ = ["AdminError", "error_response", "status_of"]
 
@@ -41,12 +41,9 @@ class AdminError(TillsyncError):
 
 
 def status_of(exc: TillsyncError) -> int:
-    """The HTTP status of an error: by code, else 422 for bad input, else 400."""
-    if exc.code in _STATUS_OF_CODE:
-        return _STATUS_OF_CODE[exc.code]
-    if isinstance(exc, ProtocolError) or exc.code in ("invalid_value", "invalid_scope"):
-        return 422
-    return 400
+    """The HTTP status of an error: by code, else 422 (input the request carried that
+    central refuses: a protocol or catalog validation code)."""
+    return _STATUS_OF_CODE.get(exc.code, 422)
 
 
 def error_response(status: int, code: str, field: str, reason: str) -> JSONResponse:
