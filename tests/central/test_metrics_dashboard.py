@@ -110,6 +110,20 @@ def test_prometheus_config_scrapes_central_and_rabbitmq() -> None:
             assert job in jobs, job
 
 
+def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "tillsync.yaml").read_text())[
+        "providers"
+    ]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"]
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    assert source["type"] == "prometheus"
+    assert source["isDefault"] is True
+
+
 def test_compose_serves_central_metrics_and_the_rabbitmq_plugin() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     central = compose["services"]["central"]

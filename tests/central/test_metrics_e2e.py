@@ -186,3 +186,10 @@ async def test_counters_and_gauges_match_both_ends(central: Central, tmp_path: P
         assert published.get(row["scope"], 0) == row["last_seq"]
         assert relayed.value("tillsync_relay_lag_changes", scope=row["scope"]) == 0
         assert relayed.value("tillsync_relay_lag_seconds", scope=row["scope"]) == 0
+
+    # SIGTERM stops the metrics listener with the workers, cleanly.
+    assert await central.stop() == 0
+    log = central.log_path.read_text()
+    assert "metrics listening" in log
+    with pytest.raises(httpx.ConnectError):
+        await scrape(central)
