@@ -20,7 +20,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -187,6 +187,15 @@ class CentralSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_client_ca(self) -> CentralSettings:
+        if self.register_broker_url is not None:
+            # Provisioning grants rights on amqp_url's vhost: registers must log in there.
+            theirs = urlsplit(self.register_broker_url).path.lstrip("/") or "/"
+            ours = urlsplit(self.amqp_url.get_secret_value()).path.lstrip("/") or "/"
+            if unquote(theirs) != unquote(ours):
+                raise ValueError(
+                    f"register_broker_url: its vhost {unquote(theirs)!r} must be amqp_url's "
+                    f"({unquote(ours)!r})"
+                )
         if (self.register_client_ca_cert_file is None) != (
             self.register_client_ca_key_file is None
         ):
