@@ -21,6 +21,7 @@ EXTERNAL) and its broker user has no password at all.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -246,7 +247,9 @@ async def add_register(
                 code="invalid_value",
             )
         # Before any change: a CA that cannot sign leaves the register as it was.
-        certificate = issue_client_certificate(ca_cert, ca_key, user, days=tls.client_cert_days)
+        certificate = await asyncio.to_thread(  # two openssl runs: off the event loop
+            issue_client_certificate, ca_cert, ca_key, user, days=tls.client_cert_days
+        )
     else:
         password = secrets.token_urlsafe(24) if password is None else password
         if not password:
