@@ -173,6 +173,10 @@ async def test_a_cancelled_submit_or_ack_leaves_counts_and_seqs_true(tmp_path: P
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         following = await outbox.submit("receipt", receipt())
+        # The cancelled ack still commits, maybe after `following`: wait for every write
+        # queued so far (the lock is FIFO) before reading the table from outside.
+        async with store.write_lock:
+            pass
         stored = table_counts(tmp_path / "a.db")
         counts = outbox.counts
         assert following.seq == counts.last_seq == sum(stored.values())

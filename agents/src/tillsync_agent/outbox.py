@@ -12,9 +12,11 @@ its own result or its own error.
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -74,12 +76,18 @@ class _Request:
     future: asyncio.Future[Submitted]
 
 
+# The sender's rows in flight are left out (a JSON array of seqs): they are due in the
+# table until their confirms are recorded, and must not be published twice meanwhile.
 _DUE = """
 SELECT seq, doc_id, doc_type, payload, attempts FROM outbox
 WHERE state IN ('pending', 'published') AND next_attempt_at <= ?
+    AND seq NOT IN (SELECT value FROM json_each(?))
 ORDER BY seq LIMIT ?
 """
-_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM outbox WHERE state IN ('pending', 'published')"
+_NEXT_DUE = """
+SELECT MIN(next_attempt_at) FROM outbox
+WHERE state IN ('pending', 'published') AND seq NOT IN (SELECT value FROM json_each(?))
+"""
 _INSERT = """
 INSERT INTO outbox (seq, doc_id, doc_type, created_at, shift_no, payload, state, next_attempt_at)
 VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
@@ -87,6 +95,7 @@ VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
 _COUNTERS = "SELECT name, value FROM counters"
 _ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
 _SET_COUNTER = "UPDATE counters SET value = ? WHERE name = ?"
+# last_sent_at is when the broker confirmed the publish.
 _MARK_PUBLISHED = """
 UPDATE outbox SET state = 'published', attempts = attempts + 1, last_sent_at = ?,
     next_attempt_at = ?
@@ -272,7 +281,6 @@ class Outbox:
         return submitted
 
     async def _write(self, batch: Sequence[_Request]) -> None:
-        db = self._store.db
         counts = self._counts
         seq = counts.last_seq
         rows: list[tuple[Any, ...]] = []
@@ -300,17 +308,20 @@ class Outbox:
             accepted.append((request, Submitted(seq, document.doc_id, document.type)))
         if not rows:
             return
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            await db.executemany(_INSERT, rows)
+        stale_before = now - self._resend_after_ms
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(_INSERT, rows)
             # A shift close triggers a check of the whole shift: resend what is still open.
             for shift_no in shifts_closed:
-                await db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
-            await db.execute(_SET_COUNTER, (seq, "last_seq"))
-            await db.execute(_ADD_COUNTER, (len(rows), "pending"))
-            await db.execute("COMMIT")
+                db.execute(_SHIFT_DUE, (now, shift_no, stale_before))
+            db.execute(_SET_COUNTER, (seq, "last_seq"))
+            db.execute(_ADD_COUNTER, (len(rows), "pending"))
+
+        try:
+            # One hop to the SQLite thread for the whole transaction; durable (FULL).
+            await self._store.transaction_in_thread(work)
         except BaseException as exc:
-            await rollback(db)
             for request, _ in accepted:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -339,17 +350,29 @@ class Outbox:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def due(self, limit: int, now: int | None = None) -> list[OutboxRow]:
-        """Rows to publish now, in seq order."""
-        async with self._store.db.execute(
-            _DUE, (now_ms() if now is None else now, limit)
-        ) as cursor:
-            return [OutboxRow(*row) for row in await cursor.fetchall()]
+    async def due(
+        self, limit: int, now: int | None = None, *, exclude: Collection[int] = ()
+    ) -> list[OutboxRow]:
+        """Rows to publish now, in seq order, but for the seqs in ``exclude`` (in flight)."""
+        rows, _ = await self.due_or_next(limit, now, exclude=exclude)
+        return rows
 
-    async def next_due_at(self) -> int | None:
-        async with self._store.db.execute(_NEXT_DUE) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else row[0]
+    async def next_due_at(self, *, exclude: Collection[int] = ()) -> int | None:
+        """When the next open row outside ``exclude`` is due (ms), None if there is none."""
+        return await self._store.in_thread(lambda db: _next_due_at(db, _json_seqs(exclude)))
+
+    async def due_or_next(
+        self, limit: int, now: int | None = None, *, exclude: Collection[int] = ()
+    ) -> tuple[list[OutboxRow], int | None]:
+        """:meth:`due`; when nothing is due, also :meth:`next_due_at`: one hop to the
+        SQLite thread for what the sender asks every time it looks."""
+        params = (now_ms() if now is None else now, _json_seqs(exclude), limit)
+
+        def read(db: sqlite3.Connection) -> tuple[list[OutboxRow], int | None]:
+            rows = [OutboxRow(*row) for row in db.execute(_DUE, params).fetchall()]
+            return rows, (None if rows else _next_due_at(db, params[1]))
+
+        return await self._store.in_thread(read)
 
     async def mark_published(
         self,
@@ -359,12 +382,29 @@ class Outbox:
     ) -> None:
         """``published`` is ``(seq, next_attempt_at)`` for each confirmed publish; ``state``
         (agent_state keys) is written in the same transaction."""
-        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
-            (_MARK_PUBLISHED, [(now, next_at, seq) for seq, next_at in published])
-        ]
+        await self.record_sends([(seq, now, next_at) for seq, next_at in published], (), state)
+
+    async def record_sends(
+        self,
+        published: Sequence[tuple[int, int, int]],
+        failed: Sequence[tuple[int, int]],
+        state: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """The sender's results in one transaction: ``published`` is ``(seq, confirmed_at,
+        next_attempt_at)`` per confirmed publish, ``failed`` ``(seq, next_attempt_at)`` per
+        publish that was not confirmed; ``state`` (agent_state keys) goes with them.
+        Rows acknowledged meanwhile are left as they are."""
+        statements: list[tuple[str, Sequence[Sequence[Any]]]] = []
+        if published:
+            statements.append(
+                (_MARK_PUBLISHED, [(sent_at, next_at, seq) for seq, sent_at, next_at in published])
+            )
+        if failed:
+            statements.append((_MARK_FAILED, [(next_at, seq) for seq, next_at in failed]))
         if state:
             statements.append((_SET_STATE, list(state.items())))
-        await self._transaction(statements)
+        if statements:
+            await self._transaction(statements)
 
     async def mark_failed(self, failed: Sequence[tuple[int, int]]) -> None:
         """``failed`` is ``(seq, next_attempt_at)``: not confirmed, try again then."""
@@ -407,17 +447,16 @@ class Outbox:
 
     async def _apply_acks(self, acks: Sequence[AckBody]) -> list[tuple[int, int]]:
         now = now_ms()
-        db = self._store.db
-        results: list[tuple[int, int]] = []
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+
+        def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
+            results: list[tuple[int, int]] = []
             for ack in acks:
                 acked_one = rejected_one = 0
                 for seq_range in ack.accepted:
-                    cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
+                    cursor = db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
                     acked_one += cursor.rowcount
                 for rejection in ack.rejected:
-                    cursor = await db.execute(
+                    cursor = db.execute(
                         _REJECT,
                         (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
                     )
@@ -425,13 +464,16 @@ class Outbox:
                 results.append((acked_one, rejected_one))
             acked = sum(a for a, _ in results)
             rejected = sum(r for _, r in results)
-            await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
-            await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
-            await db.execute(_ADD_COUNTER, (rejected, "rejected"))
-            await db.execute("COMMIT")
-        except BaseException:
-            await rollback(db)
-            raise
+            db.executemany(
+                _ADD_COUNTER,
+                [(-(acked + rejected), "pending"), (acked, "acknowledged"), (rejected, "rejected")],
+            )
+            return results
+
+        # Not durable: an ack a power cut takes back is earned again by a resend.
+        results = await self._store.transaction_in_thread(work, durable=False)
+        acked = sum(a for a, _ in results)
+        rejected = sum(r for _, r in results)
         c = self._counts
         self._counts = Counts(
             c.last_seq,
@@ -477,12 +519,18 @@ class Outbox:
         await self._exclusive(lambda: self._run(statements))
 
     async def _run(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        db = self._store.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+        def work(db: sqlite3.Connection) -> None:
             for sql, params in statements:
-                await db.executemany(sql, params)
-            await db.execute("COMMIT")
-        except BaseException:
-            await rollback(db)
-            raise
+                db.executemany(sql, params)
+
+        # Send records, due times and agent state: nothing here is a document.
+        await self._store.transaction_in_thread(work, durable=False)
+
+
+def _json_seqs(seqs: Collection[int]) -> str:
+    return json.dumps(sorted(seqs)) if seqs else "[]"
+
+
+def _next_due_at(db: sqlite3.Connection, exclude_json: str) -> int | None:
+    row = db.execute(_NEXT_DUE, (exclude_json,)).fetchone()
+    return None if row is None else row[0]

@@ -5,6 +5,13 @@ channel is opened with ``on_return_raises`` and every publish is ``mandatory``, 
 unroutable message (which RabbitMQ still confirms) is a failure, as is a nack, a timeout
 or a lost connection. Failures are retried with exponential backoff and jitter; rows
 published but not acknowledged by central are published again after ``ack_timeout``.
+
+The window is continuous: a row is published as soon as it is due and there is room
+(``max_in_flight``), not in rounds that wait for the slowest confirm of the previous one.
+Rows in flight are known in memory and left out of the due query, so nothing is published
+twice while its confirm is outstanding. Confirms are recorded in the outbox by a separate
+task, whatever has been settled since its last transaction in one more: recording is off
+the publishing path and costs one SQLite transaction per burst, not per document.
 """
 
 from __future__ import annotations
@@ -36,52 +43,140 @@ class SendStats:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Window:
+    """What one connection's sender has in flight, and what has settled since the last
+    record."""
+
+    size: int
+    in_flight: set[int] = field(default_factory=set)
+    """Seqs being published, or confirmed (or failed) but not yet recorded."""
+    settled: list[tuple[OutboxRow, object, int]] = field(default_factory=list)
+    """``(row, publish result, when)`` waiting to be recorded."""
+    has_settled: asyncio.Event = field(default_factory=asyncio.Event)
+    has_room: asyncio.Event = field(default_factory=asyncio.Event)
+    publishing: int = 0
+    """Publish tasks not yet settled."""
+    connection_lost: BaseException | None = None
+
+    @property
+    def free(self) -> int:
+        return self.size - len(self.in_flight)
+
+
 class Sender:
     def __init__(self, settings: AgentSettings, outbox: Outbox) -> None:
         self._settings = settings
         self._outbox = outbox
         self._retry = Backoff(settings.retry_base_s, settings.retry_cap_s)
+        self._user_id = settings.broker_user  # parsed from the URL once, not per publish
         self.stats = SendStats()
 
     async def serve(
         self, exchange: AbstractExchange, closed: asyncio.Event, stopping: asyncio.Event
     ) -> None:
-        """Publish until the connection closes or the agent stops; returns then.
+        """Publish until the connection closes or the agent stops; returns then, after the
+        publishes in flight have settled and been recorded (raises if the connection was
+        lost).
 
         Everything still open is made due first: a reconnect or a start-up resends at once.
         """
         await self._outbox.make_due()
-        while not closed.is_set() and not stopping.is_set():
-            self._outbox.changed.clear()
-            rows = await self._outbox.due(self._settings.max_in_flight)
-            if rows:
-                await self._publish(exchange, rows)
+        window = _Window(self._settings.max_in_flight)
+        done = asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as group:
+                recorder = group.create_task(self._record(window, done))
+                try:
+                    await self._feed(exchange, window, group, closed, stopping, recorder)
+                finally:
+                    done.set()
+                    window.has_settled.set()
+        except BaseExceptionGroup as errors:
+            # The link reports and retries one error (a database failure, say), not a group.
+            raise errors.exceptions[0] from None
+        if window.connection_lost is not None:
+            raise window.connection_lost
+
+    async def _feed(
+        self,
+        exchange: AbstractExchange,
+        window: _Window,
+        group: asyncio.TaskGroup,
+        closed: asyncio.Event,
+        stopping: asyncio.Event,
+        recorder: asyncio.Task[None],
+    ) -> None:
+        """Start a publish for every due row while there is room in the window."""
+        while not closed.is_set() and not stopping.is_set() and not recorder.done():
+            if window.free <= 0:
+                window.has_room.clear()
+                await _wait_any((window.has_room, closed, stopping), timeout=1.0)
                 continue
-            await _wait_any(
-                (self._outbox.changed, closed, stopping), timeout=await self._idle_timeout()
-            )
+            self._outbox.changed.clear()
+            rows, next_due = await self._outbox.due_or_next(window.free, exclude=window.in_flight)
+            if rows:
+                for row in rows:
+                    window.in_flight.add(row.seq)
+                    window.publishing += 1
+                    group.create_task(self._publish_one(exchange, row, window))
+                continue
+            await _wait_any((self._outbox.changed, closed, stopping), timeout=_idle(next_due))
 
-    async def _idle_timeout(self) -> float:
-        next_due = await self._outbox.next_due_at()
-        if next_due is None:
-            return 3600.0
-        return min(3600.0, max(0.01, (next_due - now_ms()) / 1000))
-
-    async def _publish(self, exchange: AbstractExchange, rows: list[OutboxRow]) -> None:
-        results = await asyncio.gather(
-            *(self._publish_one(exchange, row) for row in rows), return_exceptions=True
+    async def _publish_one(
+        self, exchange: AbstractExchange, row: OutboxRow, window: _Window
+    ) -> None:
+        message = aio_pika.Message(
+            row.payload,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=row.doc_id,
+            user_id=self._user_id,
+            type=row.doc_type,
+            app_id="tillsync-agent",
         )
-        now = now_ms()
-        published: list[tuple[int, int]] = []
+        key = topology.document_key(self._outbox.center_id, self._outbox.register_id, row.doc_type)
+        result: object
+        try:
+            result = await exchange.publish(
+                message, key, mandatory=True, timeout=self._settings.publish_timeout_s
+            )
+        except Exception as exc:  # every failure is the row's result, recorded below
+            result = exc
+        finally:
+            window.publishing -= 1
+        window.settled.append((row, result, now_ms()))
+        window.has_settled.set()
+
+    async def _record(self, window: _Window, done: asyncio.Event) -> None:
+        """Record settled publishes in the outbox, a burst per transaction, until the feed
+        is done and nothing is in flight."""
+        while True:
+            await window.has_settled.wait()
+            window.has_settled.clear()
+            if window.settled:
+                batch, window.settled = window.settled, []
+                lost = await self._record_batch(batch)
+                window.connection_lost = window.connection_lost or lost
+                for row, _, _ in batch:
+                    window.in_flight.discard(row.seq)
+                window.has_room.set()
+            if done.is_set() and window.publishing == 0 and not window.settled:
+                break
+
+    async def _record_batch(
+        self, batch: list[tuple[OutboxRow, object, int]]
+    ) -> BaseException | None:
+        published: list[tuple[int, int, int]] = []
         failed: list[tuple[int, int]] = []
         connection_lost: BaseException | None = None
-        for row, result in zip(rows, results, strict=True):
+        for row, result, at in batch:
             if isinstance(result, aiormq.spec.Basic.Ack):
                 # Central's ack should come within ack_timeout; if not, publish again, backing off.
                 wait = max(self._settings.ack_timeout_s, self._retry.delay(row.attempts))
-                published.append((row.seq, now + int(wait * 1000)))
+                published.append((row.seq, at, at + int(wait * 1000)))
                 continue
-            failed.append((row.seq, now + int(self._retry.delay(row.attempts) * 1000)))
+            failed.append((row.seq, at + int(self._retry.delay(row.attempts) * 1000)))
             reason = _describe(result)
             self.stats.last_error = reason
             if isinstance(result, (aiormq.exceptions.AMQPConnectionError, ConnectionError)):
@@ -94,33 +189,24 @@ class Sender:
                 attempt=row.attempts + 1,
                 error=reason,
             )
+        state: dict[str, str | None] = {}
         if published:
-            await self._outbox.mark_published(
-                published, now, state={"last_successful_send_at": str(now)}
-            )
+            last = max(at for _, at, _ in published)
+            state["last_successful_send_at"] = str(last)
             self.stats.published += len(published)
-            self.stats.last_success_at = now
+            self.stats.last_success_at = last
         if failed:
-            await self._outbox.mark_failed(failed)
+            state["last_error"] = self.stats.last_error
             self.stats.failed += len(failed)
-            await self._outbox.set_state("last_error", self.stats.last_error)
-        if connection_lost is not None:
-            raise connection_lost
+        await self._outbox.record_sends(published, failed, state)
+        return connection_lost
 
-    async def _publish_one(self, exchange: AbstractExchange, row: OutboxRow) -> object:
-        message = aio_pika.Message(
-            row.payload,
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=row.doc_id,
-            user_id=self._settings.broker_user,
-            type=row.doc_type,
-            app_id="tillsync-agent",
-        )
-        key = topology.document_key(self._outbox.center_id, self._outbox.register_id, row.doc_type)
-        return await exchange.publish(
-            message, key, mandatory=True, timeout=self._settings.publish_timeout_s
-        )
+
+def _idle(next_due: int | None) -> float:
+    """Seconds to wait for a change when nothing is due now."""
+    if next_due is None:
+        return 3600.0
+    return min(3600.0, max(0.01, (next_due - now_ms()) / 1000))
 
 
 def _describe(result: object) -> str:
