@@ -87,8 +87,8 @@ ON CONFLICT (register_id) DO UPDATE
 SET last_seq = GREATEST(s.last_seq, EXCLUDED.last_seq), last_received_at = now()
 """
 # contiguous_seq moves to the end of the run of stored seqs that starts right after it.
-# Two batches of one register committing concurrently may leave it short; the next
-# batch of that register moves it on.
+# Two batches of one register updating it concurrently may leave it short; the next
+# batch of that register (or the reconciler) moves it on.
 _ADVANCE_CONTIGUOUS = """
 UPDATE register_state s SET contiguous_seq = (
     SELECT min(d.seq) FROM documents d
@@ -113,6 +113,8 @@ class BatchResult:
     refused: int = 0
     item_edits_applied: int = 0
     item_edits_refused: int = 0
+    stored_through: dict[str, int] = field(default_factory=dict)
+    """Per register, the highest seq of this batch that is stored (new or a duplicate)."""
 
     def merge(self, other: BatchResult) -> None:
         for register_id, seqs in other.accepted.items():
@@ -125,6 +127,8 @@ class BatchResult:
         self.refused += other.refused
         self.item_edits_applied += other.item_edits_applied
         self.item_edits_refused += other.item_edits_refused
+        for register_id, seq in other.stored_through.items():
+            self.stored_through[register_id] = max(seq, self.stored_through.get(register_id, 0))
 
 
 @dataclass(frozen=True)
@@ -173,20 +177,28 @@ async def store(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchR
 
 async def _apply(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
     result = BatchResult()
-    async with pool.acquire() as conn, conn.transaction():
-        registers = await _registers(conn, inspections)
-        valid: list[_Valid] = []
-        letters: list[DeadLetter] = []
-        for inspection in inspections:
-            error = check_register(inspection, registers)
-            if error is None and inspection.document is not None:
-                digest = hashlib.sha256(inspection.delivery.body).digest()
-                valid.append(_Valid(inspection, inspection.document, digest))
-            else:
-                error = error or TillsyncError("refused", code="refused")
-                letters.append(_refuse(result, inspection, error, registers))
-        await _store_documents(conn, valid, result)
-        await insert_dead_letters(conn, letters)
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            registers = await _registers(conn, inspections)
+            valid: list[_Valid] = []
+            letters: list[DeadLetter] = []
+            for inspection in inspections:
+                error = check_register(inspection, registers)
+                if error is None and inspection.document is not None:
+                    digest = hashlib.sha256(inspection.delivery.body).digest()
+                    valid.append(_Valid(inspection, inspection.document, digest))
+                else:
+                    error = error or TillsyncError("refused", code="refused")
+                    letters.append(_refuse(result, inspection, error, registers))
+            await _store_documents(conn, valid, result)
+            await insert_dead_letters(conn, letters)
+        try:
+            await _advance_state(conn, result.stored_through)
+        except Exception as exc:
+            if is_transient(exc):
+                raise  # the batch is retried: its repeats move the state on
+            # The documents are committed: never let the summary turn them into dead letters.
+            log.warning("register_state not advanced", error=repr(exc))
     return result
 
 
@@ -269,7 +281,9 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
         new.extend(await _store_round(conn, round_items, result, duplicates))
         pending = later
     await typed_rows.insert(conn, [item.document for item in new])
-    await _advance_state(conn, new)
+    for item in [*new, *duplicates]:
+        register_id, seq = item.key
+        result.stored_through[register_id] = max(seq, result.stored_through.get(register_id, 0))
     await _settle_item_edits(conn, new, duplicates, result)
 
 
@@ -385,16 +399,25 @@ async def _record_conflicts(
     )
 
 
-async def _advance_state(conn: Conn, new: list[_Valid]) -> None:
-    if not new:
+async def _advance_state(conn: Conn, stored_through: dict[str, int]) -> None:
+    """Move ``register_state`` on, in a short transaction of its own after the batch's.
+
+    Not in the batch's transaction: every batch names every busy register, so the
+    workers would queue on these rows from here to their COMMIT, fsync included, and
+    batches would commit one at a time. Nor durable at COMMIT (``synchronous_commit``
+    off): the row is a summary of ``documents`` that only ever moves forward, and one
+    left behind by a crash is moved on by the register's next batch (and by the
+    reconciler); the documents themselves were committed durably before this.
+    """
+    if not stored_through:
         return
-    last: dict[str, int] = {}
-    for item in new:
-        register_id, seq = item.key
-        last[register_id] = max(seq, last.get(register_id, 0))
-    registers = sorted(last)
-    await conn.execute(_UPSERT_REGISTER_STATE, registers, [last[r] for r in registers])
-    await conn.execute(_ADVANCE_CONTIGUOUS, registers)
+    registers = sorted(stored_through)
+    async with conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = off")
+        await conn.execute(
+            _UPSERT_REGISTER_STATE, registers, [stored_through[r] for r in registers]
+        )
+        await conn.execute(_ADVANCE_CONTIGUOUS, registers)
 
 
 async def _store_failed(
