@@ -3,9 +3,10 @@ with client certificates (SASL EXTERNAL) while the broker still confines them.
 
 Against the real broker's TLS listener (``deploy/dev/services`` makes it: 127.0.0.1:5671
 with a throwaway dev CA). The CA is found through ``TILLSYNC_TLS_CA`` and
-``TILLSYNC_TLS_CA_KEY`` (``deploy/dev/services env`` prints them), else in the default
-state directory; ``TILLSYNC_AMQPS_URL`` names the listener. Without TLS these tests fail,
-saying so: they are the proof that TLS works, not optional extras.
+``TILLSYNC_TLS_CA_KEY`` (``deploy/dev/services env`` prints them), else in the dev state
+directory (``TILLSYNC_DEV_STATE``, default ``/var/tmp/tillsync-dev``);
+``TILLSYNC_AMQPS_URL`` names the listener. Without TLS these tests fail, saying so: they
+are the proof that TLS works, not optional extras.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
 from tillsync_protocol import ConfigError, topology
 
-DEFAULT_TLS_DIR = Path("/var/tmp/tillsync-dev/tls")
+DEFAULT_TLS_DIR = Path(os.environ.get("TILLSYNC_DEV_STATE", "/var/tmp/tillsync-dev")) / "tls"
 DEFAULT_AMQPS = "amqps://127.0.0.1:5671/"
 DOCUMENTS = 25
 
