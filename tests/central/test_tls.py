@@ -484,3 +484,19 @@ async def test_cli_bundle_with_a_client_certificate_enrolls_an_agent_that_connec
             assert listed["auth_mechanism"] == "EXTERNAL"
     finally:
         await management.delete_user(f"reg-{register}")
+
+
+def test_dev_services_env_prints_only_exports_naming_the_tls_files(dev_tls: DevTls) -> None:
+    script = Path(__file__).resolve().parents[2] / "deploy" / "dev" / "services"
+    result = subprocess.run(
+        [str(script), "env"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert all(line.startswith("export TILLSYNC_") for line in lines), lines
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in lines)
+    assert exported["TILLSYNC_AMQPS_URL"].startswith("amqps://")
+    assert urlsplit(exported["TILLSYNC_AMQPS_URL"]).port == dev_tls.port
+    assert Path(exported["TILLSYNC_TLS_CA"]).is_file()
+    key = Path(exported["TILLSYNC_TLS_CA_KEY"])
+    assert key.stat().st_mode & 0o777 == 0o600
