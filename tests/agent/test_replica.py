@@ -557,3 +557,27 @@ async def test_changes_applied_together_end_as_if_applied_one_by_one(tmp_path: P
         ("a", "delete"),
     ]  # fmt: skip
     assert contents[2] == [("1", "c"), ("2", "b")]
+
+
+@pytest.mark.parametrize("mode", ["delta", "replace"])
+async def test_a_key_that_comes_twice_in_one_answer_ends_at_its_latest_change(
+    tmp_path: Path, mode: str
+) -> None:
+    db = tmp_path / "a.db"
+    async with open_replica(db) as (_, replica, _):
+        request_id = new_request_id()
+        answer = [
+            change(1, "a", item_state("a-first", barcodes=["1"])),
+            change(2, "b"),
+            change(3, "a", item_state("a-latest", barcodes=["3"]), version=2),
+        ]
+        await stage_all(replica, answer, request_id)
+        applied = await replica.apply_staged(
+            request_id, mode=mode, entities=ENTITIES, cursors={"global": 3, CENTER: 0}
+        )
+        assert applied.received == 2
+        assert (await state_of(replica, "a"))["name"] == "a-latest"
+        assert [e.key for e in await replica.all("items")] == ["a", "b"]
+        assert await barcode_owner(replica, "3") == "a"
+        assert await replica.item_by_barcode("1") is None
+    assert rows(db, "SELECT COUNT(*) FROM catalog_shadow") == [(0,)]

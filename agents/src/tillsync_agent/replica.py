@@ -83,7 +83,12 @@ INSERT OR IGNORE INTO catalog_shadow
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 _SHADOW_COUNT = "SELECT COUNT(*) FROM catalog_shadow WHERE request_id = ?"
-# Should a key come twice in one answer, only its latest change counts.
+# Should a key come twice in one answer, only its latest change counts. Central's answers
+# have each key once, so the (index-only) check comes first and the delete rarely runs.
+_SHADOW_REPEATS = """
+SELECT 1 FROM catalog_shadow WHERE request_id = ?
+GROUP BY entity, key, scope HAVING COUNT(*) > 1 LIMIT 1
+"""
 _SHADOW_DEDUPE = """
 DELETE FROM catalog_shadow AS s WHERE request_id = ? AND EXISTS (
     SELECT 1 FROM catalog_shadow AS t WHERE t.request_id = s.request_id
@@ -124,7 +129,6 @@ WHERE request_id = ? AND op = 'upsert' AND kept = 1
     AND entity IN (SELECT value FROM json_each(?))
 ORDER BY page_no, idx
 """
-_DROP_SHADOW = "DELETE FROM catalog_shadow WHERE request_id = ?"
 
 
 class UnknownItemError(TillsyncError):
@@ -340,7 +344,10 @@ class Replica(CatalogReader):
         """
 
         async def work(db: aiosqlite.Connection) -> tuple[Applied, list[CatalogEvent]]:
-            await db.execute(_SHADOW_DEDUPE, (request_id,))
+            async with db.execute(_SHADOW_REPEATS, (request_id,)) as cursor:
+                repeats = await cursor.fetchone() is not None
+            if repeats:
+                await db.execute(_SHADOW_DEDUPE, (request_id,))
             async with db.execute(_SHADOW_COUNT, (request_id,)) as cursor:
                 row = await cursor.fetchone()
             received = 0 if row is None else int(row[0])
@@ -353,7 +360,9 @@ class Replica(CatalogReader):
                 if scope in self.scopes:
                     await db.execute(_SET_CURSOR, (scope, seq))
                     new_cursors[scope] = seq
-            await db.execute(_DROP_SHADOW, (request_id,))
+            # Only this request's rows are staged (one sync at a time; each starts with an
+            # empty shadow): emptying the whole table is SQLite's truncate, not a row scan.
+            await db.execute(_CLEAR_SHADOW)
             return Applied(received, applied, new_cursors), events
 
         result, _ = await self._store.write(work, after=lambda r: self.events.publish(r[1]))
