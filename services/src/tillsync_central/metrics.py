@@ -228,6 +228,7 @@ class _FleetCollector(Collector):
         self._timeout = timeout
         self._snapshot: FleetSnapshot | None = None
         self._seconds = 0.0
+        self._failing = False
         # One round of queries at a time, however many scrapes arrive together.
         self._lock = asyncio.Lock()
 
@@ -238,9 +239,15 @@ class _FleetCollector(Collector):
                 self._snapshot = await read_fleet(
                     self._pool, self._offline_after, timeout=self._timeout
                 )
-            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:  # whatever the database did, the scrape answers
                 self._snapshot = None
-                log.warning("metrics: database gauges unavailable", error=_describe(exc))
+                if not self._failing:  # once per outage, not at every scrape
+                    log.warning("metrics: database gauges unavailable", error=_describe(exc))
+                self._failing = True
+            else:
+                if self._failing:
+                    log.info("metrics: database gauges available again")
+                self._failing = False
             self._seconds = time.perf_counter() - started
 
     def collect(self) -> Iterable[Metric]:
