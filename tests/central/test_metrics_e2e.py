@@ -6,9 +6,12 @@ a dead letter by code, presence from real heartbeats, and the relay's catalog ch
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -18,12 +21,14 @@ from tills import Till
 from agent.documents import receipt
 from e2e.catalog_helpers import churn, edit
 from e2e.conftest import (
+    BIN,
     Central,
     agent_settings,
     central,  # noqa: F401  (the fixture; central_env turns metrics on)
     running_agent,
     wait_for,
 )
+from services import Services
 from tillsync_agent import Agent
 
 HEARTBEAT_S = 0.3
@@ -193,3 +198,32 @@ async def test_counters_and_gauges_match_both_ends(central: Central, tmp_path: P
     assert "metrics listening" in log
     with pytest.raises(httpx.ConnectError):
         await scrape(central)
+
+
+async def test_run_refuses_a_taken_metrics_port(
+    services: Services, fresh_vhost: str, make_database: Any
+) -> None:
+    database_url = await make_database()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = taken.getsockname()[1]
+            env = {
+                **os.environ,
+                "TILLSYNC_AMQP_URL": fresh_vhost,
+                "TILLSYNC_DATABASE_URL": database_url,
+                "TILLSYNC_RABBITMQ_API_URL": services.rabbitmq_api_url,
+                "TILLSYNC_METRICS_PORT": str(port),
+            }
+            result = await asyncio.to_thread(
+                subprocess.run,
+                [str(BIN / "tillsync-central"), "run"],
+                env=env,
+                capture_output=True,
+                timeout=120,
+            )
+    finally:
+        await make_database.drop(database_url)
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "code=config_error field=metrics_port" in stderr
+    assert f"127.0.0.1:{port}" in stderr
