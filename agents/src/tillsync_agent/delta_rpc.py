@@ -38,7 +38,7 @@ from tillsync_protocol import (
 
 from .history import SyncKind
 from .outbox import now_ms
-from .replica import ApplyMode, Replica
+from .replica import ApplyMode, Replica, StagedPage
 from .settings import AgentSettings
 
 __all__ = [
@@ -122,14 +122,20 @@ class DeltaRpc:
         self._settings = settings
         self._replica = replica
         self._link_lost = link_lost
-        self._replies: dict[str, asyncio.Queue[DeltaPage | DeltaEnd]] = {}
+        self._replies: dict[str, asyncio.Queue[StagedPage | DeltaEnd]] = {}
 
     def on_reply(self, reply: DeltaPage | DeltaEnd) -> None:
-        queue = self._replies.get(reply.body.request_id)
+        request_id = reply.body.request_id
+        queue = self._replies.get(request_id)
         if queue is None:
-            log.debug("reply to a request no longer waited for", request_id=reply.body.request_id)
+            log.debug("reply to a request no longer waited for", request_id=request_id)
             return
-        queue.put_nowait(reply)
+        if isinstance(reply, DeltaPage):
+            # Pages can arrive faster than they are staged: what waits is plain rows, not
+            # thousands of models that every full garbage collection would walk.
+            queue.put_nowait(self._replica.shadow_rows(request_id, reply.body))
+        else:
+            queue.put_nowait(reply)
 
     async def fetch(
         self,
@@ -148,7 +154,7 @@ class DeltaRpc:
         than ``delta_timeout_s``.
         """
         await self._replica.begin_staging()
-        replies: asyncio.Queue[DeltaPage | DeltaEnd] = asyncio.Queue()
+        replies: asyncio.Queue[StagedPage | DeltaEnd] = asyncio.Queue()
         self._replies[request_id] = replies
         try:
             await self._publish(exchange, request, request_id, cursors)
@@ -210,7 +216,7 @@ class DeltaRpc:
     async def _collect(
         self,
         request_id: str,
-        replies: asyncio.Queue[DeltaPage | DeltaEnd],
+        replies: asyncio.Queue[StagedPage | DeltaEnd],
         progress: SyncProgress,
         notify: Callable[[], None],
     ) -> tuple[DeltaEndBody, int]:
@@ -218,24 +224,23 @@ class DeltaRpc:
         pages: set[int] = set()
         foreign = 0
         while True:
-            reply: DeltaPage | DeltaEnd | None = await self._next_reply(replies, timeout)
-            if isinstance(reply, DeltaPage):
+            reply: StagedPage | DeltaEnd | None = await self._next_reply(replies, timeout)
+            if isinstance(reply, StagedPage):
                 # Pages that arrived meanwhile are staged with this one, in one commit (a
                 # few at most: the write lock is shared with the POS app's submits).
-                batch: list[DeltaPage] = []
-                while isinstance(reply, DeltaPage):
-                    if reply.body.page_no not in pages:  # else redelivered
-                        pages.add(reply.body.page_no)
+                batch: list[StagedPage] = []
+                while isinstance(reply, StagedPage):
+                    if reply.page_no not in pages:  # else redelivered
+                        pages.add(reply.page_no)
                         batch.append(reply)
                     more = len(batch) < STAGE_PAGES_MAX and not replies.empty()
                     reply = replies.get_nowait() if more else None
                 if batch:
-                    foreign += await self._replica.stage_pages(
-                        request_id, [page.body for page in batch]
-                    )
+                    await self._replica.stage_rows(batch)
+                    foreign += sum(page.foreign for page in batch)
                     progress.phase = "receiving"
                     progress.pages = len(pages)
-                    progress.received += sum(len(page.body.changes) for page in batch)
+                    progress.received += sum(page.changes for page in batch)
                     notify()
             if reply is None:
                 continue
@@ -252,8 +257,8 @@ class DeltaRpc:
             return end, foreign
 
     async def _next_reply(
-        self, replies: asyncio.Queue[DeltaPage | DeltaEnd], timeout: float
-    ) -> DeltaPage | DeltaEnd:
+        self, replies: asyncio.Queue[StagedPage | DeltaEnd], timeout: float
+    ) -> StagedPage | DeltaEnd:
         getter = asyncio.ensure_future(replies.get())
         lost = asyncio.ensure_future(self._link_lost.wait())
         try:
