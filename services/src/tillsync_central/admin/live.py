@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from ..store import is_transient
+from .display import format_money
 
 __all__ = ["KEEPALIVE_S", "LiveFeed", "Subscriber", "sse_frames"]
 
@@ -131,7 +132,9 @@ class LiveFeed:
             if len(self._seen) > _SEEN:
                 self._seen.popitem(last=False)
             if not first:
-                self._publish("document", _jsonable(row))
+                event = _jsonable(row)
+                event["total_display"] = format_money(row["total"], row["currency"])
+                self._publish("document", event)
         for row in presence:
             online = bool(row["online"])
             before = self._online.get(row["register_id"])

@@ -75,15 +75,19 @@ document.addEventListener("submit", async (event) => {
   }
 });
 
-// Tables marked data-autorefresh="N" re-read their rows every N seconds.
-for (const table of document.querySelectorAll("table[data-autorefresh]")) {
-  const seconds = Number(table.dataset.autorefresh) || 5;
+// Elements marked data-autorefresh="N" (with a data-testid) re-read their content from
+// the same page every N seconds: one request refreshes them all.
+const refreshing = [...document.querySelectorAll("[data-autorefresh][data-testid]")];
+if (refreshing.length) {
+  const seconds = Math.min(...refreshing.map((el) => Number(el.dataset.autorefresh) || 5));
   setInterval(async () => {
     const response = await fetch(location.href, { credentials: "same-origin" });
     if (!response.ok) return;
     const doc = new DOMParser().parseFromString(await response.text(), "text/html");
-    const fresh = doc.querySelector(`[data-testid="${table.dataset.testid}"] tbody`);
-    if (fresh) table.querySelector("tbody").replaceWith(fresh);
+    for (const el of refreshing) {
+      const fresh = doc.querySelector(`[data-testid="${el.dataset.testid}"]`);
+      if (fresh) el.innerHTML = fresh.innerHTML;
+    }
   }, seconds * 1000);
 }
 
@@ -95,7 +99,7 @@ if (feed) {
   if (!("Notification" in window)) button.hidden = true;
   button.addEventListener("click", () => Notification.requestPermission());
   const describe = {
-    document: (d) => `${d.doc_type} ${d.register_id} #${d.seq}` + (d.total != null ? ` ${d.total} ${d.currency} (minor units)` : ""),
+    document: (d) => `${d.doc_type} ${d.register_id} #${d.seq}` + (d.total_display ? ` ${d.total_display}` : ""),
     offline: (d) => `register ${d.register_id} went offline (${d.pending} pending)`,
     online: (d) => `register ${d.register_id} is back online`,
     dead_letter: (d) => `dead letter ${d.id}: ${d.code} ${d.field} ${d.register_id || ""}`,
