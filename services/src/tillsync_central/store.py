@@ -20,6 +20,7 @@ recorded as a ``doc_id`` conflict.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import defaultdict
@@ -79,26 +80,29 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::uuid[], $5::bytea
                      $6::bytea[], $7::bytea[])
 ON CONFLICT (register_id, seq, incoming_hash) DO NOTHING
 """
-_UPSERT_REGISTER_STATE = """
+# contiguous_seq moves to the end of the run of stored seqs that starts right after it
+# (if seq contiguous_seq + 1 is stored at all); last_seq is at least that far. One
+# statement, so one round trip; two workers moving one register concurrently may leave
+# contiguous_seq short, and the register's next batch (or the reconciler) moves it on.
+_RUN_END = """
+COALESCE((SELECT min(d.seq) FROM documents d
+          WHERE d.register_id = s.register_id AND d.seq > s.contiguous_seq
+            AND NOT EXISTS (SELECT 1 FROM documents n
+                            WHERE n.register_id = d.register_id AND n.seq = d.seq + 1)
+            AND EXISTS (SELECT 1 FROM documents f
+                        WHERE f.register_id = s.register_id AND f.seq = s.contiguous_seq + 1)),
+         s.contiguous_seq)
+"""
+_ADVANCE_STATE = f"""
 INSERT INTO register_state AS s (register_id, last_seq, last_received_at)
 SELECT u.register_id, u.max_seq, now()
 FROM unnest($1::text[], $2::bigint[]) AS u(register_id, max_seq)
 ON CONFLICT (register_id) DO UPDATE
-SET last_seq = GREATEST(s.last_seq, EXCLUDED.last_seq), last_received_at = now()
+SET last_received_at = now(),
+    contiguous_seq = {_RUN_END},
+    last_seq = GREATEST(s.last_seq, EXCLUDED.last_seq, {_RUN_END})
 """
-# contiguous_seq moves to the end of the run of stored seqs that starts right after it.
-# Two batches of one register updating it concurrently may leave it short; the next
-# batch of that register (or the reconciler) moves it on.
-_ADVANCE_CONTIGUOUS = """
-UPDATE register_state s SET contiguous_seq = (
-    SELECT min(d.seq) FROM documents d
-    WHERE d.register_id = s.register_id AND d.seq > s.contiguous_seq
-      AND NOT EXISTS (SELECT 1 FROM documents n
-                      WHERE n.register_id = d.register_id AND n.seq = d.seq + 1))
-WHERE s.register_id = ANY($1::text[])
-  AND EXISTS (SELECT 1 FROM documents d
-              WHERE d.register_id = s.register_id AND d.seq = s.contiguous_seq + 1)
-"""
+_NOT_DURABLE = "BEGIN; SET LOCAL synchronous_commit TO OFF"
 
 
 @dataclass
@@ -403,7 +407,7 @@ async def _advance_state(conn: Conn, stored_through: dict[str, int]) -> None:
     """Move ``register_state`` on, in a short transaction of its own after the batch's.
 
     Not in the batch's transaction: every batch names every busy register, so the
-    workers would queue on these rows from here to their COMMIT, fsync included, and
+    workers would queue on these rows from there to their COMMIT, fsync included, and
     batches would commit one at a time. Nor durable at COMMIT (``synchronous_commit``
     off): the row is a summary of ``documents`` that only ever moves forward, and one
     left behind by a crash is moved on by the register's next batch (and by the
@@ -412,12 +416,14 @@ async def _advance_state(conn: Conn, stored_through: dict[str, int]) -> None:
     if not stored_through:
         return
     registers = sorted(stored_through)
-    async with conn.transaction():
-        await conn.execute("SET LOCAL synchronous_commit = off")
-        await conn.execute(
-            _UPSERT_REGISTER_STATE, registers, [stored_through[r] for r in registers]
-        )
-        await conn.execute(_ADVANCE_CONTIGUOUS, registers)
+    await conn.execute(_NOT_DURABLE)  # one round trip for both, no parameters
+    try:
+        await conn.execute(_ADVANCE_STATE, registers, [stored_through[r] for r in registers])
+        await conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await conn.execute("ROLLBACK")
+        raise
 
 
 async def _store_failed(
