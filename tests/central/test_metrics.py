@@ -25,13 +25,8 @@ from conftest import Enroll
 from faults import FaultProxy
 from tillsync_agent import Agent, load_settings
 from tillsync_central.db import create_pool
-from tillsync_central.metrics import (
-    REGISTER_STATES,
-    build_registry,
-    metrics_app,
-    offline_after_s,
-    serving_metrics,
-)
+from tillsync_central.fleet_snapshot import REGISTER_STATES, offline_after_s
+from tillsync_central.metrics import build_registry, metrics_app, serving_metrics
 from tillsync_central.presence import PresenceWorker
 from tillsync_central.provisioning import Enrollment
 from tillsync_central.runner import CentralService
