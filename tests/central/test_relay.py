@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,9 @@ from catalog_client import Inbox, declare_register_like_queue
 
 from conftest import new_id
 from tillsync_central.catalog import CatalogEditor, prepare_edit
-from tillsync_central.relay import Relay, change_msg_id
+from tillsync_central.relay import Relay, _message, change_msg_id
 from tillsync_central.settings import CentralSettings
-from tillsync_protocol import CatalogChange
+from tillsync_protocol import CatalogChange, CatalogChangeBody, decode_control, encode
 
 
 def item(n: int, price: int) -> dict[str, Any]:
@@ -231,3 +232,33 @@ async def _assert_state_rebuilt(pool: asyncpg.Pool, changes: list[CatalogChange]
         replica
     )
     assert len(rows) > 500
+
+
+@pytest.mark.parametrize(
+    ("op", "state"),
+    [
+        ("upsert", {"name": "Žluté", "gross_price": 1290, "barcodes": ["1"], "x": {"y": None}}),
+        ("delete", None),
+    ],
+)
+def test_a_change_is_packed_byte_for_byte_as_the_models_encoding(
+    op: str, state: dict[str, Any] | None
+) -> None:
+    changed_at = datetime(2026, 11, 29, 7, 0, 0, 123000, tzinfo=UTC)
+    row = {"scope_seq": 42, "entity": "items", "key": "i-1", "op": op, "version": 7,
+           "state": state, "changed_at": changed_at}  # fmt: skip
+    message, key = _message("global", row)  # type: ignore[arg-type]
+    expected = CatalogChange(
+        msg_id=change_msg_id("global", 42),
+        created_at=int(changed_at.timestamp() * 1000),
+        body=CatalogChangeBody(
+            scope="global", scope_seq=42, entity="items", key="i-1", op=op, version=7, state=state
+        ),
+    )
+    assert message.body == encode(expected)
+    assert decode_control(message.body) == expected
+    assert (key, message.message_id, message.type) == (
+        "cat.global.items",
+        expected.msg_id,
+        "catalog_change",
+    )

@@ -25,16 +25,10 @@ from datetime import datetime
 
 import aio_pika
 import asyncpg
+import msgpack
 import structlog
 
-from tillsync_protocol import (
-    CONTENT_TYPE,
-    Backoff,
-    CatalogChange,
-    CatalogChangeBody,
-    encode,
-    topology,
-)
+from tillsync_protocol import CONTENT_TYPE, PROTOCOL_VERSION, Backoff, topology
 
 from .catalog import NOTIFY_CHANNEL
 from .confirms import publish_in_order
@@ -86,25 +80,35 @@ def _unix_ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
+_packer = msgpack.Packer(use_bin_type=True)
+
+
 def _message(scope: str, row: asyncpg.Record) -> tuple[aio_pika.Message, str]:
-    change = CatalogChange(
-        msg_id=change_msg_id(scope, row["scope_seq"]),
-        created_at=_unix_ms(row["changed_at"]),
-        body=CatalogChangeBody(
-            scope=scope,
-            scope_seq=row["scope_seq"],
-            entity=row["entity"],
-            key=row["key"],
-            op=row["op"],
-            version=row["version"],
-            state=row["state"],
-        ),
-    )
+    """The ``catalog_change`` of a changelog row, packed as ``encode`` packs the model
+    (fields in declaration order; a test compares the bytes). Changelog rows were
+    validated when written (the catalog editor), so no model is built per change: with
+    110,000 imported changes that round trip was most of the relay's time."""
+    msg_id = change_msg_id(scope, row["scope_seq"])
+    change = {
+        "v": list(PROTOCOL_VERSION),
+        "type": "catalog_change",
+        "created_at": _unix_ms(row["changed_at"]),
+        "msg_id": msg_id,
+        "body": {
+            "scope": scope,
+            "scope_seq": row["scope_seq"],
+            "entity": row["entity"],
+            "key": row["key"],
+            "op": row["op"],
+            "version": row["version"],
+            "state": row["state"],
+        },
+    }
     message = aio_pika.Message(
-        encode(change),
+        _packer.pack(change),
         content_type=CONTENT_TYPE,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        message_id=change.msg_id,
+        message_id=msg_id,
         type="catalog_change",
         app_id="tillsync-central",
     )
