@@ -78,9 +78,12 @@ CREATE TRIGGER register_presence_sync_history
     AFTER INSERT OR UPDATE OF last_sync ON register_presence
     FOR EACH ROW EXECUTE FUNCTION register_sync_of_heartbeat();
 
--- The live feed reads "documents received since"; the documents page lists a
--- register's documents by time.
+-- The live feed reads "documents received since"; the documents page lists documents
+-- newest first (keyset on created_at, register_id, seq), of everyone or of a register;
+-- receipt totals read a range of days.
 CREATE INDEX documents_received_idx ON documents (received_at);
+CREATE INDEX documents_created_key_idx ON documents (created_at, register_id, seq);
 CREATE INDEX documents_register_created_idx ON documents (register_id, created_at);
+CREATE INDEX receipts_created_idx ON receipts (created_at);
 CREATE INDEX receipts_register_created_idx ON receipts (register_id, created_at);
 CREATE INDEX dead_letters_received_idx ON dead_letters (received_at);
