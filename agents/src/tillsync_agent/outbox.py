@@ -84,6 +84,22 @@ WHERE state IN ('pending', 'published') AND next_attempt_at <= ?
     AND seq NOT IN (SELECT value FROM json_each(?))
 ORDER BY seq LIMIT ?
 """
+# The sender's two reads. New rows: along the primary key from the last seq it took (NOT
+# INDEXED, or SQLite sorts every due row for each call), so the cost is the rows
+# returned, whatever the backlog. Resends: due rows it already took once, but for those
+# still in flight.
+_FRESH = """
+SELECT seq, doc_id, doc_type, payload, attempts FROM outbox NOT INDEXED
+WHERE seq > ? AND state IN ('pending', 'published') AND next_attempt_at <= ?
+ORDER BY seq LIMIT ?
+"""
+_RESENDS = """
+SELECT seq, doc_id, doc_type, payload, attempts FROM outbox
+WHERE state IN ('pending', 'published') AND next_attempt_at <= ? AND seq <= ?
+    AND seq NOT IN (SELECT value FROM json_each(?))
+ORDER BY seq LIMIT ?
+"""
+_FIRST_OPEN = "SELECT MIN(seq) FROM outbox WHERE state IN ('pending', 'published')"
 _NEXT_DUE = """
 SELECT MIN(next_attempt_at) FROM outbox
 WHERE state IN ('pending', 'published') AND seq NOT IN (SELECT value FROM json_each(?))
@@ -354,23 +370,46 @@ class Outbox:
         self, limit: int, now: int | None = None, *, exclude: Collection[int] = ()
     ) -> list[OutboxRow]:
         """Rows to publish now, in seq order, but for the seqs in ``exclude`` (in flight)."""
-        rows, _ = await self.due_or_next(limit, now, exclude=exclude)
-        return rows
+        params = (now_ms() if now is None else now, _json_seqs(exclude), limit)
+
+        def read(db: sqlite3.Connection) -> list[OutboxRow]:
+            return [OutboxRow(*row) for row in db.execute(_DUE, params)]
+
+        return await self._store.in_thread(read)
 
     async def next_due_at(self, *, exclude: Collection[int] = ()) -> int | None:
         """When the next open row outside ``exclude`` is due (ms), None if there is none."""
         return await self._store.in_thread(lambda db: _next_due_at(db, _json_seqs(exclude)))
 
-    async def due_or_next(
-        self, limit: int, now: int | None = None, *, exclude: Collection[int] = ()
-    ) -> tuple[list[OutboxRow], int | None]:
-        """:meth:`due`; when nothing is due, also :meth:`next_due_at`: one hop to the
-        SQLite thread for what the sender asks every time it looks."""
-        params = (now_ms() if now is None else now, _json_seqs(exclude), limit)
+    async def first_open(self) -> int | None:
+        """The lowest seq neither acknowledged nor rejected (None if there is none)."""
 
-        def read(db: sqlite3.Connection) -> tuple[list[OutboxRow], int | None]:
-            rows = [OutboxRow(*row) for row in db.execute(_DUE, params).fetchall()]
-            return rows, (None if rows else _next_due_at(db, params[1]))
+        def read(db: sqlite3.Connection) -> int | None:
+            row = db.execute(_FIRST_OPEN).fetchone()
+            return None if row is None else row[0]
+
+        return await self._store.in_thread(read)
+
+    async def sendable(
+        self, limit: int, *, after: int, in_flight: Collection[int], resends: bool
+    ) -> tuple[list[OutboxRow], int, int | None]:
+        """What the sender publishes next, in one hop to the SQLite thread.
+
+        Returns ``(rows, new, next_due_at)``: up to ``limit`` rows due now in seq order —
+        if ``resends``, first those with ``seq <= after`` (taken before, due again) but for
+        ``in_flight``, then the ``new`` ones past ``after`` (cheap at any backlog) — and,
+        when there are none, when the next row outside ``in_flight`` is due (ms).
+        """
+        now = now_ms()
+        exclude = _json_seqs(in_flight)
+
+        def read(db: sqlite3.Connection) -> tuple[list[OutboxRow], int, int | None]:
+            rows: list[OutboxRow] = []
+            if resends:
+                rows = [OutboxRow(*r) for r in db.execute(_RESENDS, (now, after, exclude, limit))]
+            new = [OutboxRow(*r) for r in db.execute(_FRESH, (after, now, limit - len(rows)))]
+            rows.extend(new)
+            return rows, len(new), (None if rows else _next_due_at(db, exclude))
 
         return await self._store.in_thread(read)
 

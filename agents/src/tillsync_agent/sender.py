@@ -33,6 +33,9 @@ __all__ = ["SendStats", "Sender"]
 
 log = structlog.get_logger(__name__)
 
+RESEND_CHECK_S = 1.0
+"""Under a steady backlog, how often the sender looks for rows due again (resends)."""
+
 
 @dataclass
 class SendStats:
@@ -107,21 +110,40 @@ class Sender:
         stopping: asyncio.Event,
         recorder: asyncio.Task[None],
     ) -> None:
-        """Start a publish for every due row while there is room in the window."""
+        """Start a publish for every due row while there is room in the window.
+
+        New rows are read past the last seq taken (``taken_through``); rows taken before
+        and due again (failed, unacknowledged past their timeout, made due by a sweep, a
+        shift close or central's resend request) are looked for whenever the sender has
+        caught up with new rows, and at least every second under a steady backlog.
+        """
+        loop = asyncio.get_running_loop()
+        first_open = await self._outbox.first_open()
+        taken_through = self._outbox.counts.last_seq if first_open is None else first_open - 1
+        caught_up = True
+        resends_checked = loop.time()
         while not closed.is_set() and not stopping.is_set() and not recorder.done():
             if window.free <= 0:
                 window.has_room.clear()
                 await _wait_any((window.has_room, closed, stopping), timeout=1.0)
                 continue
             self._outbox.changed.clear()
-            rows, next_due = await self._outbox.due_or_next(window.free, exclude=window.in_flight)
-            if rows:
-                for row in rows:
-                    window.in_flight.add(row.seq)
-                    window.publishing += 1
-                    group.create_task(self._publish_one(exchange, row, window))
-                continue
-            await _wait_any((self._outbox.changed, closed, stopping), timeout=_idle(next_due))
+            resends = caught_up or loop.time() - resends_checked >= RESEND_CHECK_S
+            if resends:
+                resends_checked = loop.time()
+            free = window.free
+            rows, new, next_due = await self._outbox.sendable(
+                free, after=taken_through, in_flight=window.in_flight, resends=resends
+            )
+            caught_up = len(rows) < free
+            for row in rows:
+                window.in_flight.add(row.seq)
+                window.publishing += 1
+                group.create_task(self._publish_one(exchange, row, window))
+            if new:
+                taken_through = rows[-1].seq
+            if not rows:
+                await _wait_any((self._outbox.changed, closed, stopping), timeout=_idle(next_due))
 
     async def _publish_one(
         self, exchange: AbstractExchange, row: OutboxRow, window: _Window
