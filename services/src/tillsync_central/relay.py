@@ -46,16 +46,23 @@ CHANGE_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "tillsync:catalog_change")
 """Namespace of the uuid5 ``msg_id`` of a published change."""
 
 _TRY_LOCK = "SELECT pg_try_advisory_lock($1)"
-_PENDING = """
-SELECT s.scope, s.last_seq, COALESCE(p.published_seq, 0) AS published_seq
-FROM catalog_scopes s LEFT JOIN relay_positions p USING (scope)
-WHERE s.last_seq > COALESCE(p.published_seq, 0)
-ORDER BY s.scope
-"""
-_CHANGES = """
-SELECT scope_seq, entity, key, op, version, state, changed_at
-FROM catalog_changelog WHERE scope = $1 AND scope_seq > $2
-ORDER BY scope_seq LIMIT $3
+# One round trip: the next changes (up to $1) of every scope with unpublished ones, after
+# its stored position, in scope_seq order (a scope whose next rows are missing comes as
+# one row of nulls, reported as a hole).
+_PENDING_CHANGES = """
+SELECT p.scope, p.published_seq, c.scope_seq, c.entity, c.key, c.op, c.version, c.state,
+       c.changed_at
+FROM (
+    SELECT s.scope, COALESCE(r.published_seq, 0) AS published_seq
+    FROM catalog_scopes s LEFT JOIN relay_positions r USING (scope)
+    WHERE s.last_seq > COALESCE(r.published_seq, 0)
+) AS p
+LEFT JOIN LATERAL (
+    SELECT scope_seq, entity, key, op, version, state, changed_at
+    FROM catalog_changelog l WHERE l.scope = p.scope AND l.scope_seq > p.published_seq
+    ORDER BY l.scope_seq LIMIT $1
+) AS c ON true
+ORDER BY p.scope, c.scope_seq
 """
 _STORE_POSITION = """
 INSERT INTO relay_positions AS p (scope, published_seq) VALUES ($1, $2)
@@ -218,9 +225,9 @@ class Relay:
     ) -> int:
         """One batch of every scope that has unpublished changes; how many were published."""
         total = 0
-        for pending in await conn.fetch(_PENDING):
-            scope, published = pending["scope"], pending["published_seq"]
-            rows = await conn.fetch(_CHANGES, scope, published, self._batch_size)
+        for scope, published, rows in _by_scope(
+            await conn.fetch(_PENDING_CHANGES, self._batch_size)
+        ):
             rows = _contiguous(rows, published)
             if not rows:
                 log.error("changelog hole", scope=scope, after=published)
@@ -239,6 +246,19 @@ class Relay:
                 count=len(rows),
             )
         return total
+
+
+def _by_scope(
+    rows: Sequence[asyncpg.Record],
+) -> list[tuple[str, int, list[asyncpg.Record]]]:
+    """``(scope, published_seq, its rows)`` of :data:`_PENDING_CHANGES`' answer."""
+    groups: list[tuple[str, int, list[asyncpg.Record]]] = []
+    for row in rows:
+        if not groups or groups[-1][0] != row["scope"]:
+            groups.append((row["scope"], row["published_seq"], []))
+        if row["scope_seq"] is not None:
+            groups[-1][2].append(row)
+    return groups
 
 
 def _contiguous(rows: Sequence[asyncpg.Record], published: int) -> list[asyncpg.Record]:
