@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 import asyncpg
 import httpx
 import pytest
-from admin_clients import PASSWORD, ROLES, Clients, login
 
 from tillsync_central.admin import AdminServer, add_operator
 from tillsync_central.settings import CentralSettings
+
+from .admin_clients import PASSWORD, ROLES, Clients, login
 
 
 @pytest.fixture

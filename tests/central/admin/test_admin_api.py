@@ -13,7 +13,6 @@ from urllib.parse import quote
 
 import asyncpg
 import httpx
-from admin_clients import Clients
 from starlette.routing import Route
 from tills import Till, canonical, raw_document, until
 
@@ -23,6 +22,8 @@ from tillsync_central.management import vhost_of
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
 from tillsync_protocol import topology
+
+from .admin_clients import Clients
 
 Enroll = Any
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-from admin_clients import PASSWORD, Clients, login
 
 from tillsync_central.admin import AdminServer, add_operator
 from tillsync_central.admin.api import ENDPOINTS
@@ -21,6 +20,8 @@ from tillsync_central.admin.auth import Endpoint
 from tillsync_central.admin.operators import role_allows
 from tillsync_central.admin.sessions import COOKIE_NAME, csrf_token
 from tillsync_central.settings import CentralSettings
+
+from .admin_clients import PASSWORD, Clients, login
 
 WRITES = [e for e in ENDPOINTS if e.writes]
 GUARDED = [e for e in ENDPOINTS if e.role is not None]

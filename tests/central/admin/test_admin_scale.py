@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 
 import asyncpg
-from admin_clients import Clients
+
+from .admin_clients import Clients
 
 REGISTERS = 1000
 DOCUMENTS = 200_000
