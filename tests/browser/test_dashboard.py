@@ -79,6 +79,12 @@ async def test_log_in_and_see_a_register_go_offline_with_its_pending_count_risen
     await expect(page.get_by_test_id("sync-row").first).to_be_visible(timeout=TIMEOUT_MS)
     await screenshot(page, "syncs")
 
+    await page.get_by_test_id("logout").click()
+    await page.wait_for_url("**/login")
+    await page.goto("/fleet")
+    await expect(page.get_by_test_id("login-form")).to_be_visible()
+    assert await central.pool.fetchval("SELECT count(*) FROM operator_sessions") == 0
+
 
 async def test_a_new_receipt_appears_live_with_a_notification(
     dashboard: Dashboard, context: BrowserContext, tmp_path: Path

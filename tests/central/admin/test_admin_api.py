@@ -14,7 +14,7 @@ from urllib.parse import quote
 import asyncpg
 import httpx
 from starlette.routing import Route
-from tills import Till, canonical, raw_document, until
+from tills import Till, canonical, raw_document, receipt_body, until
 
 from services import Services, rabbitmq_api_of
 from tillsync_central.admin import AdminServer
@@ -448,3 +448,33 @@ async def test_metrics_are_mounted(clients: Clients) -> None:
     response = await clients.anonymous.get("/metrics")
     assert response.status_code == 200
     assert "tillsync_" in response.text
+
+
+async def test_a_conflict_is_listed_then_resolved_with_a_reason(
+    clients: Clients, pool: asyncpg.Pool, enroll: Enroll, ingest: IngestService
+) -> None:
+    enrollment = await enroll()
+    async with Till(enrollment) as till:
+        await till.publish_documents([till.document(1)])
+        await till.wait_for([1])
+        impostor = till.document(1, body=receipt_body(1, total=9900))
+        till.acks.accepted.discard(1)
+        await till.publish_documents([impostor])
+        await till.wait_for([1])
+    listed = (await clients.viewer.get("/api/conflicts")).json()["conflicts"]
+    assert [(c["family"], c["code"], c["seq"]) for c in listed] == [("content", "content", 1)]
+    conflict_id = listed[0]["id"]
+    path = f"/api/conflicts/{conflict_id}/resolve"
+    refused = await clients.viewer.post(path, json={"resolution": "kept the original"})
+    assert refused.status_code == 403
+    done = await clients.supervisor.post(path, json={"resolution": "kept the original"})
+    assert done.status_code == 200, done.text
+    row = await pool.fetchrow("SELECT resolved_at, resolution FROM conflicts")
+    assert row["resolution"] == "kept the original"
+    assert row["resolved_at"] is not None
+    assert (await clients.viewer.get("/api/conflicts")).json()["conflicts"] == []
+    resolved = (await clients.viewer.get("/api/conflicts", params={"resolved": "1"})).json()
+    assert len(resolved["conflicts"]) == 1
+    again = await clients.supervisor.post(path, json={"resolution": "twice"})
+    assert again.status_code == 404
+    assert await pool.fetchval("SELECT count(*) FROM documents") == 1
