@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from tillsync_central.admin import AdminServer, add_operator
-from tillsync_central.admin.api import ENDPOINTS
 from tillsync_central.admin.auth import Endpoint
+from tillsync_central.admin.endpoints import ENDPOINTS
 from tillsync_central.admin.operators import role_allows
 from tillsync_central.admin.sessions import COOKIE_NAME, csrf_token
 from tillsync_central.settings import CentralSettings

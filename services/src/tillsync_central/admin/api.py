@@ -1,6 +1,5 @@
-"""The admin JSON API under ``/api/``: one table of endpoints (:data:`ENDPOINTS`), each with
-the least role it needs; reads for every operator, writes for supervisors (catalog,
-commands, dead letters, conflicts) and administrators (operators).
+"""The admin JSON API's handlers (the table of endpoints, with the role each needs, is
+:data:`tillsync_central.admin.endpoints.ENDPOINTS`).
 
 Pagination is ``limit`` plus either an opaque ``cursor`` (documents, dead letters, the
 catalog: keyset, stable under inserts) or ``offset`` (the fleet, sortable by any column).
@@ -14,6 +13,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -23,7 +23,7 @@ from ..catalog import CatalogEditor
 from ..commands import ReinitOrder, registers_for, send_reinit
 from . import dead_letters as letters
 from .audit import AUDIT_PAGE, recent
-from .auth import Endpoint, Written, read_json
+from .auth import Written, read_json
 from .catalog_browse import catalog_page, catalog_scopes
 from .context import AdminContext
 from .documents import DocumentQuery, document_detail, document_page, receipt_days, zreport_page
@@ -43,7 +43,13 @@ from .paging import (
 from .sessions import Session, create_session, delete_session
 from .syncs import SYNC_KINDS, SYNC_RESULTS, sync_page
 
-__all__ = ["ENDPOINTS"]
+__all__ = [
+    "day_range",
+    "document_query",
+    "fleet_query",
+    "read_dead_letters",
+    "read_syncs",
+]
 
 
 def _str_field(payload: Any, name: str, *, required: bool = True, max_len: int = 1000) -> str:
@@ -126,8 +132,8 @@ async def centers(ctx: AdminContext, request: Request, session: Session) -> Resp
     return JSONResponse({"centers": await center_totals(ctx.pool, ctx.offline_after_s)})
 
 
-async def syncs(ctx: AdminContext, request: Request, session: Session) -> Response:
-    params = request.query_params
+async def read_syncs(ctx: AdminContext, params: QueryParams) -> list[dict[str, Any]]:
+    """The sync history a query string asks for (the API's and the page's)."""
     since_text = text_param(params, "since")
     since = None
     if since_text is not None:
@@ -135,7 +141,7 @@ async def syncs(ctx: AdminContext, request: Request, session: Session) -> Respon
             since = datetime.fromisoformat(since_text)
         except ValueError:
             raise InvalidValueError("since is an ISO 8601 instant", field="since") from None
-    rows = await sync_page(
+    return await sync_page(
         ctx.pool,
         register=text_param(params, "register"),
         center=text_param(params, "center"),
@@ -146,7 +152,10 @@ async def syncs(ctx: AdminContext, request: Request, session: Session) -> Respon
         limit=limit_param(params),
         offset=int_param(params, "offset", 0, 0, 10**9),
     )
-    return JSONResponse({"syncs": rows})
+
+
+async def syncs(ctx: AdminContext, request: Request, session: Session) -> Response:
+    return JSONResponse({"syncs": await read_syncs(ctx, request.query_params)})
 
 
 # -- documents -----------------------------------------------------------------------------
@@ -237,8 +246,10 @@ def _letter_id(request: Request) -> int:
         raise InvalidValueError("a dead letter id is an integer", field="id") from None
 
 
-async def dead_letter_list(ctx: AdminContext, request: Request, session: Session) -> Response:
-    params = request.query_params
+async def read_dead_letters(
+    ctx: AdminContext, params: QueryParams
+) -> tuple[list[dict[str, Any]], str | None]:
+    """The dead letters a query string asks for, and the cursor of the next page."""
     limit = limit_param(params)
     cursor = decode_cursor(params, 1)
     before = int(cursor[0]) if cursor and isinstance(cursor[0], int) else None
@@ -251,8 +262,12 @@ async def dead_letter_list(ctx: AdminContext, request: Request, session: Session
         before,
         limit,
     )
-    cursor_out = encode_cursor([rows[-1]["id"]]) if len(rows) == limit else None
-    return JSONResponse({"dead_letters": rows, "next_cursor": cursor_out})
+    return rows, encode_cursor([rows[-1]["id"]]) if len(rows) == limit else None
+
+
+async def dead_letter_list(ctx: AdminContext, request: Request, session: Session) -> Response:
+    rows, following = await read_dead_letters(ctx, request.query_params)
+    return JSONResponse({"dead_letters": rows, "next_cursor": following})
 
 
 async def dead_letter_counts(ctx: AdminContext, request: Request, session: Session) -> Response:
@@ -452,143 +467,9 @@ async def events(ctx: AdminContext, request: Request, session: Session) -> Respo
     )
 
 
-async def openapi(ctx: AdminContext, request: Request, session: Session | None) -> Response:
-    from .openapi import openapi_document
-
-    return JSONResponse(openapi_document(ENDPOINTS))
-
-
 async def health(ctx: AdminContext, request: Request, session: Session | None) -> Response:
     started = time.perf_counter()
     await ctx.pool.fetchval("SELECT 1")
     return JSONResponse(
         {"ok": True, "database_ms": round((time.perf_counter() - started) * 1000, 1)}
     )
-
-
-_PAGE = ("limit",)
-_DAYS = ("center", "register", "from", "to")
-_STR = {"type": "string"}
-_OBJ = {"type": "object"}
-
-ENDPOINTS: tuple[Endpoint, ...] = (
-    Endpoint("GET", "/api/openapi.json", openapi, None, "This document", tag="meta"),
-    Endpoint("GET", "/api/health", health, None, "Liveness: the database answers", tag="meta"),
-    Endpoint(
-        "POST", "/api/sessions", login, None, "Log in: a bearer token", "login",
-        body={"type": "object", "required": ["username", "password"],
-              "properties": {"username": _STR, "password": _STR}},
-        tag="sessions",
-    ),
-    Endpoint(
-        "DELETE", "/api/sessions/current", logout, "viewer", "Log out", "logout", tag="sessions"
-    ),
-    Endpoint("GET", "/api/me", me, "viewer", "Who am I", tag="sessions"),
-    Endpoint(
-        "GET", "/api/fleet", fleet, "viewer", "Registers with presence, pending, lag",
-        query=("center", "state", "search", "attention", "sort", "desc", "limit", "offset"),
-        tag="fleet",
-    ),
-    Endpoint("GET", "/api/centers", centers, "viewer", "Per-center totals", tag="fleet"),
-    Endpoint(
-        "GET", "/api/syncs", syncs, "viewer", "Sync history from heartbeats",
-        query=("register", "center", "kind", "result", "since", "from", "to", "limit", "offset"),
-        tag="fleet",
-    ),
-    Endpoint(
-        "GET", "/api/documents", documents, "viewer", "Documents, newest first",
-        query=("center", "register", "type", "from", "to", "cursor", "limit"), tag="documents",
-    ),
-    Endpoint(
-        "GET", "/api/documents/{register_id}/{seq}", document, "viewer",
-        "One document, decoded and raw", tag="documents",
-    ),
-    Endpoint(
-        "GET", "/api/receipts/days", receipts_by_day, "viewer",
-        "Receipt totals per center, register and day", query=_DAYS, tag="documents",
-    ),
-    Endpoint(
-        "GET", "/api/zreports", zreports, "viewer", "Closed shifts (Z-reports)",
-        query=(*_DAYS, "limit", "offset"), tag="documents",
-    ),
-    Endpoint(
-        "GET", "/api/dead-letters", dead_letter_list, "viewer", "Dead letters, newest first",
-        query=("status", "code", "source", "register", "cursor", "limit"), tag="dead letters",
-    ),
-    Endpoint(
-        "GET", "/api/dead-letters/counts", dead_letter_counts, "viewer", "Counts per code",
-        tag="dead letters",
-    ),
-    Endpoint(
-        "GET", "/api/dead-letters/{letter_id}", dead_letter, "viewer",
-        "One dead letter, decoded and raw", tag="dead letters",
-    ),
-    Endpoint(
-        "POST", "/api/dead-letters/{letter_id}/replay", replay, "supervisor",
-        "Run a dead letter through ingest again", "dead_letter.replay",
-        body={"type": "object", "properties": {"note": _STR}}, tag="dead letters",
-    ),
-    Endpoint(
-        "POST", "/api/dead-letters/{letter_id}/discard", discard, "supervisor",
-        "Discard a dead letter with a reason", "dead_letter.discard",
-        body={"type": "object", "required": ["reason"], "properties": {"reason": _STR}},
-        tag="dead letters",
-    ),
-    Endpoint(
-        "GET", "/api/conflicts", conflicts, "viewer", "Document and catalog conflicts",
-        query=("resolved", "limit"), tag="dead letters",
-    ),
-    Endpoint(
-        "POST", "/api/conflicts/{conflict_id}/resolve", resolve, "supervisor",
-        "Mark a document conflict resolved", "conflict.resolve",
-        body={"type": "object", "required": ["resolution"], "properties": {"resolution": _STR}},
-        tag="dead letters",
-    ),
-    Endpoint("GET", "/api/queues", queues, "viewer", "Queue depths and rates", tag="queues"),
-    Endpoint("GET", "/api/catalog", scopes, "viewer", "Catalog scopes and entities", tag="catalog"),
-    Endpoint(
-        "GET", "/api/catalog/{scope}/{entity}", catalog_list, "viewer", "Live rows by key",
-        query=("search", "cursor", "limit"), tag="catalog",
-    ),
-    Endpoint(
-        "PUT", "/api/catalog/{scope}/{entity}/{key}", catalog_put, "supervisor",
-        "Create or replace a row", "catalog.upsert",
-        body={"type": "object", "required": ["state"], "properties": {"state": _OBJ}},
-        tag="catalog",
-    ),
-    Endpoint(
-        "DELETE", "/api/catalog/{scope}/{entity}/{key}", catalog_delete, "supervisor",
-        "Delete a row", "catalog.delete", tag="catalog",
-    ),
-    Endpoint(
-        "POST", "/api/commands/reinit", reinit, "supervisor",
-        "Reload the catalog of a register or a center", "command.reinit",
-        body={
-            "type": "object", "required": ["mode"],
-            "properties": {
-                "register": _STR, "center": _STR, "mode": {"enum": ["update", "replace"]},
-                "with_customers": {"type": "boolean"},
-                "entities": {"type": "array", "items": _STR},
-            },
-        },
-        tag="catalog",
-    ),
-    Endpoint("GET", "/api/operators", operators, "administrator", "Operators", tag="operators"),
-    Endpoint(
-        "POST", "/api/operators", operator_add, "administrator", "Add an operator",
-        "operator.add",
-        body={
-            "type": "object", "required": ["username", "role", "password"],
-            "properties": {
-                "username": _STR, "password": _STR,
-                "role": {"enum": ["administrator", "supervisor", "viewer"]},
-            },
-        },
-        tag="operators",
-    ),
-    Endpoint(
-        "GET", "/api/audit", audit, "administrator", "The audit log, newest first",
-        query=("cursor", "limit"), tag="operators",
-    ),
-    Endpoint("GET", "/api/events", events, "viewer", "Server-sent events", tag="live"),
-)  # fmt: skip

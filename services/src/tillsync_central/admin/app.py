@@ -30,9 +30,9 @@ from tillsync_protocol import ConfigError, TillsyncError
 
 from ..metrics import build_registry, metrics_app
 from ..settings import CentralSettings
-from .api import ENDPOINTS
 from .auth import api_route
 from .context import AdminContext
+from .endpoints import ENDPOINTS
 from .errors import error_response, status_of
 from .pages import page_routes
 

@@ -19,8 +19,8 @@ from starlette.routing import Route
 from tillsync_protocol import DOCUMENT_TYPES, ENTITIES, GLOBAL_SCOPE, TillsyncError
 
 from . import dead_letters as letters
-from .api import day_range, document_query, fleet_query
-from .audit import AUDIT_PAGE, recent
+from .api import day_range, document_query, fleet_query, read_dead_letters, read_syncs
+from .audit import AUDIT_PAGE, recent, record
 from .auth import CSRF_FIELD, page_route, session_of
 from .catalog_browse import catalog_page, catalog_scopes
 from .context import AdminContext
@@ -28,10 +28,10 @@ from .documents import document_detail, document_page, receipt_days, zreport_pag
 from .errors import AdminError
 from .fleet import FLEET_STATES, FleetQuery, center_totals, fleet_page
 from .operators import authenticate, list_operators, role_allows
-from .paging import choice_param, decode_cursor, encode_cursor, limit_param, text_param
+from .paging import choice_param, decode_cursor, encode_cursor, int_param, limit_param, text_param
 from .queues import HISTORY, sparkline
 from .sessions import COOKIE_NAME, Session, create_session, delete_session
-from .syncs import SYNC_KINDS, SYNC_RESULTS, sync_page
+from .syncs import SYNC_KINDS, SYNC_RESULTS
 
 __all__ = ["page_routes"]
 
@@ -120,16 +120,8 @@ async def document(ctx: AdminContext, request: Request, session: Session) -> Res
 async def syncs(ctx: AdminContext, request: Request, session: Session) -> Response:
     params = request.query_params
     limit = limit_param(params)
-    offset = int(params.get("offset", "0") or 0) if params.get("offset", "0").isdigit() else 0
-    rows = await sync_page(
-        ctx.pool,
-        register=text_param(params, "register"),
-        center=text_param(params, "center"),
-        kind=choice_param(params, "kind", SYNC_KINDS),
-        result=choice_param(params, "result", SYNC_RESULTS),
-        limit=limit,
-        offset=offset,
-    )
+    offset = int_param(params, "offset", 0, 0, 10**9)
+    rows = await read_syncs(ctx, params)
     return _render(
         ctx, request, session, "syncs.html", title="Sync history",
         f=dict(params), syncs=rows, kinds=SYNC_KINDS, results=SYNC_RESULTS,
@@ -139,18 +131,7 @@ async def syncs(ctx: AdminContext, request: Request, session: Session) -> Respon
 
 async def dead_letter_list(ctx: AdminContext, request: Request, session: Session) -> Response:
     params = request.query_params
-    limit = limit_param(params)
-    cursor = decode_cursor(params, 1)
-    rows = await letters.dead_letter_page(
-        ctx.pool,
-        choice_param(params, "status", letters.DL_STATUSES),
-        text_param(params, "code"),
-        choice_param(params, "source", letters.DL_SOURCES),
-        text_param(params, "register"),
-        int(cursor[0]) if cursor else None,
-        limit,
-    )
-    following = encode_cursor([rows[-1]["id"]]) if len(rows) == limit else None
+    rows, following = await read_dead_letters(ctx, params)
     return _render(
         ctx, request, session, "dead_letters.html", title="Dead letters",
         f=dict(params), rows=rows, counts=await letters.dead_letter_counts(ctx.pool),
@@ -243,8 +224,6 @@ def page_routes(ctx: AdminContext) -> list[Route]:
             return response
         hours = ctx.settings.admin_session_hours
         session = await create_session(ctx.pool, operator, timedelta(hours=hours), "cookie")
-        from .audit import record
-
         await record(ctx.pool, operator.username, "login", operator.username, {"kind": "cookie"})
         response = RedirectResponse(next_page, status_code=303)
         response.set_cookie(
