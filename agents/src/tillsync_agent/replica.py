@@ -28,7 +28,13 @@ from typing import Literal, TypeVar
 
 import aiosqlite
 
-from tillsync_protocol import GLOBAL_SCOPE, CatalogChangeBody, DeltaPageBody, TillsyncError
+from tillsync_protocol import (
+    ENTITIES,
+    GLOBAL_SCOPE,
+    CatalogChangeBody,
+    DeltaPageBody,
+    TillsyncError,
+)
 from tillsync_protocol.control import CatalogValue
 
 from .catalog_events import CatalogEvent, CatalogEvents, CatalogSubscription, EventSource
@@ -130,6 +136,8 @@ _SHADOW_ITEM_KEYS = """
 SELECT json_group_array(DISTINCT key) FROM catalog_shadow WHERE request_id = ? AND entity = 'items'
 """
 _REPLACE_DELETE = "DELETE FROM catalog WHERE entity IN (SELECT value FROM json_each(?))"
+# Every row is of one of ENTITIES: replacing them all empties the table (SQLite's truncate).
+_REPLACE_DELETE_ALL = "DELETE FROM catalog"
 _REPLACE_INSERT = """
 INSERT INTO catalog (entity, key, scope, version, scope_seq, state, local_edit)
 SELECT entity, key, scope, version, scope_seq, state, 0 FROM catalog_shadow
@@ -429,7 +437,10 @@ class Replica(CatalogReader):
     async def _swap(
         self, db: aiosqlite.Connection, request_id: str, entities: list[str]
     ) -> tuple[int, list[CatalogEvent]]:
-        await db.execute(_REPLACE_DELETE, (json.dumps(entities),))
+        if set(entities) >= set(ENTITIES):
+            await db.execute(_REPLACE_DELETE_ALL)
+        else:
+            await db.execute(_REPLACE_DELETE, (json.dumps(entities),))
         cursor = await db.execute(_REPLACE_INSERT, (request_id, json.dumps(entities)))
         inserted = max(cursor.rowcount, 0)
         if "items" in entities:
