@@ -206,15 +206,22 @@ class Outbox:
         return await asyncio.shield(future)
 
     async def _drain_all(self) -> None:
+        batch: list[_Request] = []
         try:
-            async with self._lock:
-                while self._queue:
-                    batch, self._queue = self._queue, []
-                    await self._write(batch)
+            while self._queue:
+                batch, self._queue = self._queue, []
+                now = now_ms()
+                # Validation is most of a submit's CPU: done before taking the lock, which
+                # is taken again for every batch, so that acks and the sender's records
+                # waiting for it get their turn under a steady stream of submits.
+                documents = self._validate(batch, now)
+                if documents:
+                    async with self._lock:
+                        await self._write(documents, now)
         except BaseException as exc:
-            # A failed transaction fails its own batch (in _write); what queued meanwhile
-            # fails too rather than waiting for a drainer that is gone.
-            batch, self._queue = self._queue, []
+            # A failed transaction fails its own batch; what queued meanwhile fails too
+            # rather than waiting for a drainer that is gone.
+            batch, self._queue = batch + self._queue, []
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -296,16 +303,27 @@ class Outbox:
         )
         return submitted
 
-    async def _write(self, batch: Sequence[_Request]) -> None:
+    def _validate(self, batch: Sequence[_Request], now: int) -> list[tuple[_Request, Document]]:
+        """The batch's documents, built and validated with a placeholder seq; a request
+        that is not valid gets its error now."""
+        documents: list[tuple[_Request, Document]] = []
+        for request in batch:
+            try:
+                documents.append((request, self._build(request.doc_type, request.body, 1, now)))
+            except TillsyncError as exc:
+                request.future.set_exception(exc)
+        return documents
+
+    async def _write(self, batch: Sequence[tuple[_Request, Document]], now: int) -> None:
         counts = self._counts
         seq = counts.last_seq
         rows: list[tuple[Any, ...]] = []
         accepted: list[tuple[_Request, Submitted]] = []
         shifts_closed: list[int] = []
-        now = now_ms()
-        for request in batch:
+        for request, draft in batch:
             try:
-                document = self._build(request.doc_type, request.body, seq + 1, now)
+                # The seq is the only field set under the lock (validated: a positive int).
+                document = draft.model_copy(update={"seq": seq + 1})
                 payload = encode(document)
                 if len(payload) > MAX_MESSAGE_SIZE:
                     # Central would refuse it as too_large: refuse it now, before it has a seq.
@@ -398,18 +416,24 @@ class Outbox:
         Returns ``(rows, new, next_due_at)``: up to ``limit`` rows due now in seq order —
         if ``resends``, first those with ``seq <= after`` (taken before, due again) but for
         ``in_flight``, then the ``new`` ones past ``after`` (cheap at any backlog) — and,
-        when there are none, when the next row outside ``in_flight`` is due (ms).
+        when there are none, when the next row outside ``in_flight`` is due (ms; now when
+        resends were not looked at).
         """
         now = now_ms()
-        exclude = _json_seqs(in_flight)
+        # Only when needed: a thousand seqs in flight cost more to spell than to query.
+        exclude = _json_seqs(in_flight) if resends else None
 
         def read(db: sqlite3.Connection) -> tuple[list[OutboxRow], int, int | None]:
             rows: list[OutboxRow] = []
-            if resends:
+            if exclude is not None:
                 rows = [OutboxRow(*r) for r in db.execute(_RESENDS, (now, after, exclude, limit))]
             new = [OutboxRow(*r) for r in db.execute(_FRESH, (after, now, limit - len(rows)))]
             rows.extend(new)
-            return rows, len(new), (None if rows else _next_due_at(db, exclude))
+            if rows:
+                return rows, len(new), None
+            # Nothing due: when the next row is (without resends looked at: now, so that
+            # the caller, caught up, looks again with them).
+            return rows, 0, (now if exclude is None else _next_due_at(db, exclude))
 
         return await self._store.in_thread(read)
 
