@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,7 @@ async def full_load(
         register.generate(count)
     progress(f"tillsync: submitting {docs} documents through {len(registers)} agents")
     cpu_before = cpu_sample(central_pid, database)
+    began_at = time.time()
     start = time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for register in registers:
@@ -211,6 +213,7 @@ async def full_load(
         **breakdown(timings),
         "cores_used": cpu,
         "payload_bytes": _payload_sizes(registers, last_seqs),
+        "window": (began_at, time.time()),
     }
     if not drained:
         result["stuck"] = stuck(registers)
@@ -245,6 +248,7 @@ async def half_load(
     # Round robin: register i gets documents i, i + R, i + 2R… (as _shares counted).
     queues = [iter(r.docs) for r in registers]
     cpu_before = cpu_sample(central_pid, database)
+    began_at = time.time()
     loop = asyncio.get_running_loop()
     start = loop.time()
     sent = 0
@@ -272,6 +276,7 @@ async def half_load(
         "drained": drained,
         **breakdown(timings),
         "cores_used_while_paced": cpu,
+        "window": (began_at, time.time()),
     }
     if not drained:
         result["stuck"] = stuck(registers)
@@ -288,6 +293,31 @@ def breakdown(timings: Sequence[tuple[int, int | None, int]]) -> dict[str, Any]:
         "submit_to_confirmed": latency_summary([s - c for c, s, _ in marked]),
         "confirmed_to_ack": latency_summary([a - s for _, s, a in marked]),
         "acked_before_marked_published": len(timings) - len(marked),
+    }
+
+
+def central_batches(log_path: Path, began_at: float, ended_at: float) -> dict[str, Any]:
+    """Central's ingest batches logged within a phase (``batch committed``): how many, how
+    large, and how long each spent in PostgreSQL (``store_ms``) and publishing its acks
+    (``acks_ms``)."""
+    sizes: list[int] = []
+    store_ms: list[float] = []
+    acks_ms: list[float] = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if '"batch committed"' not in line:
+            continue
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            event = json.loads(line)
+            at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
+            if began_at <= at <= ended_at:
+                sizes.append(int(event["size"]))
+                store_ms.append(float(event["store_ms"]))
+                acks_ms.append(float(event["acks_ms"]))
+    return {
+        "batches": len(sizes),
+        "mean_size": round(sum(sizes) / len(sizes), 1) if sizes else None,
+        "store": latency_summary(store_ms),
+        "acks": latency_summary(acks_ms),
     }
 
 
@@ -389,8 +419,57 @@ class BaselineConsumer:
         self.done.set()
 
 
+async def _baseline_paced(
+    pool: asyncpg.Pool,
+    channel: aio_pika.abc.AbstractChannel,
+    routing_key: str,
+    inbox: asyncio.Queue[aio_pika.abc.AbstractIncomingMessage],
+    messages: Sequence[tuple[str, int, bytes]],
+    rate: float,
+    duration_s: float,
+) -> dict[str, Any]:
+    """The raw pipeline at tillsync's half-load rate, as long: the floor its latency
+    target can be judged against on the machine as it is during the run."""
+    await pool.execute("TRUNCATE bench_baseline")
+    todo = messages[: max(1, min(len(messages), int(rate * duration_s)))]
+    progress(f"baseline half load: {len(todo)} messages at {rate:.0f}/s")
+    published_at: dict[str, float] = {}
+    consumer = BaselineConsumer(pool, len(todo), published_at, batch_size=500)
+    consuming = asyncio.create_task(consumer.run(inbox))
+    exchange = channel.default_exchange
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    sent = 0
+    async with asyncio.TaskGroup() as group:
+        while sent < len(todo):
+            due = min(len(todo), int((loop.time() - start) * rate) + 1)
+            while sent < due:
+                register_id, seq, payload = todo[sent]
+                message_id = f"{register_id}:{seq}"
+                published_at[message_id] = time.perf_counter()
+                message = aio_pika.Message(
+                    payload, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, message_id=message_id
+                )
+                group.create_task(exchange.publish(message, routing_key, timeout=30))
+                sent += 1
+            await asyncio.sleep(0.002)
+    await asyncio.wait_for(consumer.done.wait(), timeout=DRAIN_TIMEOUT_S)
+    await consuming
+    return {
+        "rate_per_s": round(rate, 1),
+        "documents": len(todo),
+        "publish_to_commit": latency_summary(consumer.latencies_ms),
+        "mean_batch": round(consumer.committed / max(1, consumer.batches), 1),
+    }
+
+
 async def baseline(
-    box: Sandbox, messages: Sequence[tuple[str, int, bytes]], in_flight: int, prefetch: int
+    box: Sandbox,
+    messages: Sequence[tuple[str, int, bytes]],
+    in_flight: int,
+    prefetch: int,
+    paced_rate: float | None = None,
+    paced_s: float = 8.0,
 ) -> dict[str, Any]:
     progress(f"baseline: {len(messages)} messages, {in_flight} in flight, prefetch {prefetch}")
     pool = await asyncpg.create_pool(box.database_url, min_size=1, max_size=2)
@@ -418,6 +497,11 @@ async def baseline(
         del cpu["central"]
         await consuming
         stored = await pool.fetchval("SELECT count(*) FROM bench_baseline")
+        paced = None
+        if paced_rate:
+            paced = await _baseline_paced(
+                pool, channel, queue.name, inbox, messages, paced_rate, paced_s
+            )
         return {
             "documents": len(messages),
             "publish_s": round(publish_s, 3),
@@ -429,6 +513,7 @@ async def baseline(
             "mean_batch": round(consumer.committed / max(1, consumer.batches), 1),
             "cores_used": cpu,
             "stored": int(stored),
+            "half_load": paced,
         }
     finally:
         await consumer_conn.close()
@@ -536,6 +621,8 @@ async def run_tillsync(
         )
         full["central_exit_code"] = exit_code
         full["central_batches"] = central.count_in_log("batch committed")
+        for phase in (full, half):
+            phase["central_batch"] = central_batches(central.log_path, *phase.pop("window"))
         # Another process restarting the broker or the database spoils the figures.
         disturbances = {
             "agent_reconnects": reconnects,
@@ -564,7 +651,14 @@ async def run(options: Options, services: Services) -> dict[str, Any]:
             info = await machine(services, box)
             results = await _profiled(options, run_tillsync(options, services, box, Path(tmp)))
             payloads = results.pop("payloads")
-            raw = await baseline(box, payloads, options.in_flight, options.prefetch)
+            raw = await baseline(
+                box,
+                payloads,
+                options.in_flight,
+                options.prefetch,
+                results["half_load"]["target_rate_per_s"],
+                options.half_load_s,
+            )
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report(options, info, results, raw)
 
@@ -615,6 +709,12 @@ def report(
                 "met": half_p99 is not None and half_p99 < 50 and half["drained"],
                 "p99_ms": half_p99,
                 "p50_ms": half["submit_to_ack"]["p50_ms"],
+                "baseline_at_the_same_rate_p50_p99_ms": None
+                if raw.get("half_load") is None
+                else [
+                    raw["half_load"]["publish_to_commit"]["p50_ms"],
+                    raw["half_load"]["publish_to_commit"]["p99_ms"],
+                ],
             },
         },
         "config": {
