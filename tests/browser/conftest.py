@@ -9,20 +9,20 @@ headless with ``--no-sandbox`` (CI runs as root).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
-from e2e.conftest import Central, wait_for
-from services import RabbitApi, Services
-from tillsync_central.management import Management, vhost_of
+from e2e.conftest import BIN, Central, wait_for
+from e2e.conftest import central as central  # the fixture, with central_env below
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = ROOT / "docs" / "img"
@@ -67,54 +67,29 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def dashboard(
-    services: Services,
-    rabbitmq_api: RabbitApi,
-    fresh_vhost: str,
-    make_database: Any,
-    tmp_path: Path,
-) -> AsyncIterator[Dashboard]:
-    """``tillsync-central run`` with its dashboard on a free port, heartbeats every second
-    (a register is offline after 3 s), and one administrator."""
-    import asyncpg
+def central_env() -> dict[str, str]:
+    """The e2e ``central`` fixture's process, with its dashboard on a free port and
+    heartbeats every second (a register is offline after 3 s)."""
+    return {
+        "TILLSYNC_ADMIN_PORT": str(free_port()),
+        "TILLSYNC_HEARTBEAT_INTERVAL_S": "1",
+        "TILLSYNC_ADMIN_QUEUE_SAMPLE_S": "1",
+    }
 
-    database_url = await make_database()
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    management = Management(services.rabbitmq_api_url, vhost_of(fresh_vhost))
-    port = free_port()
-    instance = Central(
-        amqp_url=fresh_vhost,
-        database_url=database_url,
-        api_url=services.rabbitmq_api_url,
-        api=rabbitmq_api,
-        log_path=tmp_path / "central.log",
-        pool=pool,
-        management=management,
-        extra_env={
-            "TILLSYNC_ADMIN_PORT": str(port),
-            "TILLSYNC_HEARTBEAT_INTERVAL_S": "1",
-            "TILLSYNC_ADMIN_QUEUE_SAMPLE_S": "1",
-        },
-    )
+
+@pytest.fixture
+async def dashboard(central: Central) -> AsyncIterator[Dashboard]:
+    """A running ``tillsync-central run`` (workers and dashboard) with one administrator;
+    the registers' broker users it enrolled are deleted afterwards."""
+    await _add_operator(central)
     try:
-        await instance.start()
-        await _add_operator(instance)
-        yield Dashboard(instance, f"http://127.0.0.1:{port}")
+        yield Dashboard(central, f"http://127.0.0.1:{central.extra_env['TILLSYNC_ADMIN_PORT']}")
     finally:
-        await instance.stop()
-        for enrollment in instance.enrollments.values():
-            await management.delete_user(enrollment.broker_user)
-        await management.aclose()
-        await pool.close()
-        await make_database.drop(database_url)
+        for enrollment in central.enrollments.values():
+            await central.management.delete_user(enrollment.broker_user)
 
 
 async def _add_operator(central: Central) -> None:
-    import asyncio
-    import subprocess
-
-    from e2e.conftest import BIN
-
     env = {**central.env(), "TILLSYNC_OPERATOR_PASSWORD": PASSWORD}
     done = await asyncio.to_thread(
         subprocess.run,

@@ -169,6 +169,7 @@ async def test_replay_a_dead_letter_after_the_fix(
     audit = await central.pool.fetchrow(
         "SELECT username, action FROM audit_log WHERE action = 'dead_letter.replay'"
     )
+    assert audit is not None
     assert tuple(audit) == ("ops-admin", "dead_letter.replay")
 
 

@@ -260,6 +260,7 @@ async def test_a_dead_letter_is_replayed_through_ingest_after_the_fix(
         == 1
     )
     row = await pool.fetchrow("SELECT status, status_reason FROM dead_letters")
+    assert row is not None
     assert (row["status"], row["status_reason"]) == ("replayed", "center fixed")
     again = await clients.supervisor.post(path, json={})
     assert again.status_code == 409
@@ -293,6 +294,7 @@ async def test_discard_needs_a_reason_and_keeps_the_bytes(
     done = await clients.supervisor.post(path, json={"reason": "a test till's garbage"})
     assert done.status_code == 200
     row = await pool.fetchrow("SELECT status, status_reason, payload FROM dead_letters")
+    assert row is not None
     assert (row["status"], row["status_reason"]) == ("discarded", "a test till's garbage")
     assert bytes(row["payload"]) == b"\xc1 not msgpack"
     unknown = await clients.supervisor.post(
@@ -470,6 +472,7 @@ async def test_a_conflict_is_listed_then_resolved_with_a_reason(
     done = await clients.supervisor.post(path, json={"resolution": "kept the original"})
     assert done.status_code == 200, done.text
     row = await pool.fetchrow("SELECT resolved_at, resolution FROM conflicts")
+    assert row is not None
     assert row["resolution"] == "kept the original"
     assert row["resolved_at"] is not None
     assert (await clients.viewer.get("/api/conflicts")).json()["conflicts"] == []

@@ -61,7 +61,7 @@ async def test_every_read_is_fast_with_1000_registers_and_200k_documents(
     await _populate(pool)
     client = clients.viewer
     timings: dict[str, float] = {}
-    reads = {
+    reads: dict[str, tuple[str, dict[str, str | int]]] = {
         "fleet page": ("/api/fleet", {"limit": 100}),
         "fleet sorted by pending, offline only": (
             "/api/fleet",
