@@ -7,14 +7,16 @@ register committed, with no duplicates, and the register's pending count is 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 
 import pytest
 
-from agent.documents import receipt
+from agent.documents import receipt, shift_close
 from e2e.conftest import Central, agent_settings, running_agent, wait_for
 from faults import FaultProxy
 from tillsync_agent import Agent
+from tillsync_agent.store import open_readonly
 
 
 async def submit_receipts(agent: Agent, n: int) -> None:
@@ -166,3 +168,27 @@ def _published_all(agent: Agent):
         return agent._sender.stats.published >= agent.outbox.counts.last_seq
 
     return check
+
+
+async def test_a_shift_close_while_its_receipts_are_in_flight_resends_none(
+    central: Central, tmp_path
+) -> None:
+    """A shift close makes due only the shift's rows never sent or sent longer than the
+    ack timeout ago: receipts whose confirms or acks are still on their way (a slow link
+    keeps hundreds in flight) are published exactly once."""
+    enrollment = await central.provision("c-1", "r-shift")
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        settings = agent_settings(enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url))
+        async with running_agent(settings) as agent:
+            proxy.latency(40, jitter_ms=10)
+            receipts = [("receipt", receipt(100 + i, receipt_no=f"R-{i}")) for i in range(400)]
+            await agent.outbox.submit_many(receipts)
+            close = await agent.submit("shift_close", shift_close(1, 1, 400, 400, 0))
+            assert agent.outbox.counts.pending > 0, "the close came after everything was acked"
+            await assert_converged(central, agent)
+            assert close.seq == 401
+        with contextlib.closing(open_readonly(settings.database_path)) as db:
+            attempts = dict(db.execute("SELECT attempts, count(*) FROM outbox GROUP BY 1"))
+        # 0 when central's ack overtook the sender's record of the confirm.
+        assert set(attempts) <= {0, 1}, f"a document was published more than once: {attempts}"
+        assert sum(attempts.values()) == 401
