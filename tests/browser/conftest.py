@@ -74,6 +74,7 @@ def central_env() -> dict[str, str]:
         "TILLSYNC_ADMIN_PORT": str(free_port()),
         "TILLSYNC_HEARTBEAT_INTERVAL_S": "1",
         "TILLSYNC_ADMIN_QUEUE_SAMPLE_S": "1",
+        "TILLSYNC_RECONCILE_INTERVAL_S": "1",
     }
 
 

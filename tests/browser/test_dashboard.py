@@ -99,13 +99,13 @@ async def test_a_new_receipt_appears_live_with_a_notification(
     await page.wait_for_timeout(1500)  # the feed's first poll sets its starting point
     settings = agent_settings(enrollment, tmp_path / "till-2", heartbeat_interval_s=1.0)
     async with running_agent(settings) as agent:
-        till = Till("till-2")
-        for _ in range(2):  # the shift opens, then the first receipt
+        till = Till("till-2", receipts_per_shift=2)
+        for _ in range(4):  # the shift opens, two receipts, the shift closes (Z-report)
             await agent.submit(*till.next_document())
         receipt = page.locator('[data-testid="event-document"][data-key="till-2/2"]')
         await expect(receipt).to_be_visible(timeout=TIMEOUT_MS)
         await expect(receipt).to_contain_text("receipt till-2 #2")
-        await wait_for(lambda: _stored(central, 2), timeout=30, what="two documents stored")
+        await wait_for(lambda: _stored(central, 4), timeout=30, what="the shift stored")
     notes = await page.evaluate("window.__notifications")
     assert any("receipt till-2 #2" in note for note in notes), notes
     await screenshot(page, "live")
@@ -113,6 +113,14 @@ async def test_a_new_receipt_appears_live_with_a_notification(
     await page.goto("/documents?register=till-2")
     await expect(page.get_by_test_id("document-till-2-2")).to_be_visible()
     await expect(page.get_by_test_id("receipt-days")).to_contain_text("till-2")
+    zreport = page.get_by_test_id("zreport-till-2-1")
+    await expect(zreport).to_contain_text("2 / 2")
+    for _ in range(30):  # the reconciler checks closed shifts every second here
+        if (await zreport.get_by_test_id("reconciliation").inner_text()).strip() == "ok":
+            break
+        await page.wait_for_timeout(1000)
+        await page.reload()
+    await expect(zreport.get_by_test_id("reconciliation")).to_have_text("ok")
     await screenshot(page, "documents")
     await page.get_by_test_id("document-till-2-2").get_by_role("link").click()
     decoded = json.loads(await page.get_by_test_id("document-decoded").inner_text())

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from tills import Till, canonical, raw_document, receipt_body, until
 
 from services import Services, rabbitmq_api_of
+from tillsync_agent.simulator import Till as SimulatedTill
 from tillsync_central.admin import AdminServer
 from tillsync_central.management import vhost_of
 from tillsync_central.runner import IngestService
@@ -481,3 +482,35 @@ async def test_a_conflict_is_listed_then_resolved_with_a_reason(
     again = await clients.supervisor.post(path, json={"resolution": "twice"})
     assert again.status_code == 404
     assert await pool.fetchval("SELECT count(*) FROM documents") == 1
+
+
+async def test_zreports_stand_beside_what_central_received(
+    clients: Clients, enroll: Enroll, ingest: IngestService
+) -> None:
+    enrollment = await enroll()
+    simulated = SimulatedTill(enrollment.register_id, receipts_per_shift=4)
+    raws = []
+    for seq in range(1, 7):  # shift_open, 4 sales (receipts or refunds), shift_close
+        doc_type, body = simulated.next_document()
+        raws.append(raw_document(enrollment.center_id, enrollment.register_id, seq, doc_type, body))
+    assert raws[-1]["type"] == "shift_close"
+    async with Till(enrollment) as till:
+        await till.publish_documents(raws)
+        acks = await till.wait_for(range(1, 7))
+        assert acks.accepted == set(range(1, 7))
+    zreports = (
+        await clients.viewer.get("/api/zreports", params={"register": enrollment.register_id})
+    ).json()["zreports"]
+    assert len(zreports) == 1
+    z = zreports[0]
+    z_body = raws[-1]["body"]
+    assert z["shift_no"] == 1
+    assert z["net_total"] == z_body["net_total"]
+    assert isinstance(z["net_total"], int)
+    assert z["receipt_count"] + z["refund_count"] == z["receipts_received"]
+    sales = [r["body"]["total"] for r in raws if r["type"] == "receipt"]
+    refunds = [r["body"]["total"] for r in raws if r["type"] == "refund"]
+    assert z["net_received"] == sum(sales) - sum(refunds)
+    assert z["reconciliation"] is None  # no reconciler in this test: only ingest runs
+    page = await clients.viewer.get("/documents", params={"register": enrollment.register_id})
+    assert f'data-testid="zreport-{enrollment.register_id}-1"' in page.text

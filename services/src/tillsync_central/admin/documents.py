@@ -7,6 +7,7 @@ Money stays integer minor units (``bigint`` sums come back as ``int``); pages fo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -53,11 +54,17 @@ _ZREPORTS = """
 SELECT register_id, shift_no, center_id, currency, opened_at, closed_at, z_number,
        receipt_count, refund_count, void_count, gross_sales, refunds_total, net_total,
        cash_expected, cash_counted, first_seq, last_seq, closed_seq,
-       (SELECT count(*) FROM receipts r
-        WHERE r.register_id = s.register_id AND r.shift_no = s.shift_no) AS receipts_received,
-       (SELECT coalesce(sum(r.total), 0)::bigint FROM receipts r
-        WHERE r.register_id = s.register_id AND r.shift_no = s.shift_no) AS total_received
+       got.receipts_received, got.net_received, z.status AS reconciliation,
+       z.differences
 FROM shifts s
+LEFT JOIN shift_reconciliations z USING (register_id, shift_no)
+CROSS JOIN LATERAL (
+    SELECT count(*) AS receipts_received,
+           (coalesce(sum(r.total) FILTER (WHERE r.kind = 'receipt'), 0)
+            - coalesce(sum(r.total) FILTER (WHERE r.kind = 'refund'), 0))::bigint
+           AS net_received
+    FROM receipts r WHERE r.register_id = s.register_id AND r.shift_no = s.shift_no
+) got
 WHERE closed_at IS NOT NULL
   AND ($1::text IS NULL OR center_id = $1)
   AND ($2::text IS NULL OR register_id = $2)
@@ -136,9 +143,15 @@ async def zreport_page(
     limit: int,
     offset: int,
 ) -> list[dict[str, Any]]:
-    """Closed shifts, newest first, beside what central received of them."""
+    """Closed shifts, newest first, beside what central received of them (receipts and
+    refunds, net) and the reconciler's verdict (``ok``, ``mismatch``, ``waiting``)."""
     rows = await pool.fetch(_ZREPORTS, center, register, since, until, limit, offset)
-    return [_iso(dict(r), "opened_at", "closed_at") for r in rows]
+    reports = [_iso(dict(r), "opened_at", "closed_at") for r in rows]
+    for report in reports:
+        # Rows written with json.dumps() through the pool's jsonb codec hold a JSON string.
+        if isinstance(report["differences"], str):
+            report["differences"] = json.loads(report["differences"])
+    return reports
 
 
 async def document_detail(pool: asyncpg.Pool, register_id: str, seq: int) -> dict[str, Any] | None:
