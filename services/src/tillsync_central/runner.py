@@ -177,7 +177,7 @@ async def run(
 
             async with (
                 serving_metrics(settings, service),
-                serving_admin(settings, pool, service),  # the dashboard: docs/admin.md
+                serving_admin(settings, service),  # the dashboard: docs/admin.md
                 asyncio.TaskGroup() as group,
             ):
                 # Cancelled by the service's end if it never got that far.

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tillsync_protocol import ConfigError, TillsyncError
 
+from ..db.pool import init_connection
 from ..metrics import build_registry, metrics_app
 from ..settings import CentralSettings
 from .auth import api_route
@@ -173,11 +174,16 @@ class AdminServer:
             self._socket = None
 
 
+ADMIN_POOL_SIZE = 4
+POOL_CLOSE_TIMEOUT_S = 10.0
+
+
 @contextlib.asynccontextmanager
 async def serving_admin(
-    settings: CentralSettings, pool: asyncpg.Pool, service: CentralService | None = None
+    settings: CentralSettings, service: CentralService | None = None
 ) -> AsyncIterator[AdminServer | None]:
-    """Serve the admin API beside ``tillsync-central run``'s workers while the block runs.
+    """Serve the admin API beside ``tillsync-central run``'s workers while the block runs,
+    over a small pool of its own (dashboard users never take the workers' connections).
 
     Yields None (and serves nothing) when ``admin_in_run`` is off, or when the port is
     taken: that is logged as an error, never fatal, because the workers matter more than
@@ -186,17 +192,32 @@ async def serving_admin(
     if not settings.admin_in_run:
         yield None
         return
-    server = AdminServer(settings, pool, service)
+    pool = await asyncpg.create_pool(
+        settings.database_url.get_secret_value(),
+        min_size=0,
+        max_size=ADMIN_POOL_SIZE,
+        timeout=settings.db_connect_timeout,
+        command_timeout=settings.db_command_timeout,
+        init=init_connection,
+    )
+    assert pool is not None  # asyncpg types the result as optional
     try:
-        server.start()
-    except ConfigError as exc:
-        log.error("admin api not served", code=exc.code, field=exc.field, reason=exc.reason)
-        yield None
-        return
-    stopping = asyncio.Event()
-    async with asyncio.TaskGroup() as group:
-        group.create_task(server.serve(stopping), name="admin-api")
+        server = AdminServer(settings, pool, service)
         try:
-            yield server
-        finally:
-            stopping.set()
+            server.start()
+        except ConfigError as exc:
+            log.error("admin api not served", code=exc.code, field=exc.field, reason=exc.reason)
+            yield None
+            return
+        stopping = asyncio.Event()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(server.serve(stopping), name="admin-api")
+            try:
+                yield server
+            finally:
+                stopping.set()
+    finally:
+        try:
+            await asyncio.wait_for(pool.close(), timeout=POOL_CLOSE_TIMEOUT_S)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            pool.terminate()
