@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel
 
 from tillsync_protocol import CONTENT_TYPE, Backoff, topology
 
@@ -33,6 +33,9 @@ __all__ = ["SendStats", "Sender"]
 
 log = structlog.get_logger(__name__)
 
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+RECORD_LINGER_S = 0.02
+"""How long the recorder lets confirms gather before one transaction records them."""
 RESEND_CHECK_S = 1.0
 """Under a steady backlog, how often the sender looks for rows due again (resends)."""
 
@@ -76,7 +79,7 @@ class Sender:
         self.stats = SendStats()
 
     async def serve(
-        self, exchange: AbstractExchange, closed: asyncio.Event, stopping: asyncio.Event
+        self, channel: AbstractChannel, closed: asyncio.Event, stopping: asyncio.Event
     ) -> None:
         """Publish until the connection closes or the agent stops; returns then, after the
         publishes in flight have settled and been recorded (raises if the connection was
@@ -87,11 +90,18 @@ class Sender:
         await self._outbox.make_due()
         window = _Window(self._settings.max_in_flight)
         done = asyncio.Event()
+        # aio-pika's publish holds the channel's lock until each message's frames are
+        # written, one message at a time; on aiormq's channel (which keeps the
+        # returns-raise setting) with wait=False the window's messages go out back to
+        # back. Same confirms, same timeout; returns and nacks still raise.
+        underlay = await channel.get_underlay_channel()
+        if not isinstance(underlay, aiormq.Channel):  # what aio-pika always has underneath
+            raise TypeError(f"unexpected channel {underlay!r}")
         try:
             async with asyncio.TaskGroup() as group:
                 recorder = group.create_task(self._record(window, done))
                 try:
-                    await self._feed(exchange, window, group, closed, stopping, recorder)
+                    await self._feed(underlay, window, group, closed, stopping, recorder)
                 finally:
                     done.set()
                     window.has_settled.set()
@@ -103,7 +113,7 @@ class Sender:
 
     async def _feed(
         self,
-        exchange: AbstractExchange,
+        channel: aiormq.Channel,
         window: _Window,
         group: asyncio.TaskGroup,
         closed: asyncio.Event,
@@ -139,29 +149,32 @@ class Sender:
             for row in rows:
                 window.in_flight.add(row.seq)
                 window.publishing += 1
-                group.create_task(self._publish_one(exchange, row, window))
+                group.create_task(self._publish_one(channel, row, window))
             if new:
                 taken_through = rows[-1].seq
             if not rows:
                 await _wait_any((self._outbox.changed, closed, stopping), timeout=_idle(next_due))
 
-    async def _publish_one(
-        self, exchange: AbstractExchange, row: OutboxRow, window: _Window
-    ) -> None:
-        message = aio_pika.Message(
-            row.payload,
+    async def _publish_one(self, channel: aiormq.Channel, row: OutboxRow, window: _Window) -> None:
+        properties = aiormq.spec.Basic.Properties(
             content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             message_id=row.doc_id,
             user_id=self._user_id,
-            type=row.doc_type,
+            message_type=row.doc_type,
             app_id="tillsync-agent",
         )
         key = topology.document_key(self._outbox.center_id, self._outbox.register_id, row.doc_type)
         result: object
         try:
-            result = await exchange.publish(
-                message, key, mandatory=True, timeout=self._settings.publish_timeout_s
+            result = await channel.basic_publish(
+                row.payload,
+                exchange=topology.DOCS_EXCHANGE,
+                routing_key=key,
+                properties=properties,
+                mandatory=True,
+                timeout=self._settings.publish_timeout_s,
+                wait=False,
             )
         except Exception as exc:  # every failure is the row's result, recorded below
             result = exc
@@ -175,6 +188,10 @@ class Sender:
         is done and nothing is in flight."""
         while True:
             await window.has_settled.wait()
+            if not done.is_set() and window.free > 0:
+                # Let confirms gather: one transaction for many (nothing waits on a record
+                # but a full window, and rows in flight are never read as due).
+                await asyncio.sleep(RECORD_LINGER_S)
             window.has_settled.clear()
             if window.settled:
                 batch, window.settled = window.settled, []
