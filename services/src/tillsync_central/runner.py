@@ -1,7 +1,9 @@
 """Running central's workers in one process: ``tillsync-central run``.
 
 Start-up migrates the database and declares the shared topology (both idempotent, so
-several processes may start together), then runs, in one ``asyncio.TaskGroup`` until
+several processes may start together) — waiting, with a log line per try and capped
+backoff, while PostgreSQL or RabbitMQ cannot be reached yet (a machine booting, a
+service restarting), not failing — then runs, in one ``asyncio.TaskGroup`` until
 SIGTERM or SIGINT: N ingest workers and the dead-letter worker, the catalog relay (active
 in one process at a time, standby in the others), M catalog RPC workers, the presence
 worker and the reconciler (seq holes and Z-reports, one pass at a time across processes).
@@ -12,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import aio_pika
 import asyncpg
 import structlog
 
+from tillsync_protocol import Backoff
+
 from .admin.app import serving_admin
 from .catalog_rpc import CatalogRpcWorker, RpcStats
+from .consumer import wait_any
 from .db import connect, create_pool, migrate
 from .ingest import DeadLetterWorker, IngestStats, IngestWorker
 from .metrics import serving_metrics
@@ -27,6 +33,7 @@ from .presence import PresenceWorker
 from .reconcile import Reconciler
 from .relay import Relay
 from .settings import CentralSettings, redact_url
+from .store import is_transient
 from .systemd import Notifier, run_supervised
 from .topology import declare_topology
 
@@ -35,6 +42,62 @@ __all__ = ["CentralService", "IngestService", "declare", "run"]
 log = structlog.get_logger(__name__)
 
 POOL_CLOSE_TIMEOUT_S = 10.0
+STARTUP_RETRY_BASE_S = 0.5
+STARTUP_RETRY_CAP_S = 30.0
+
+T = TypeVar("T")
+
+
+class _StoppedWhileWaiting(Exception):
+    """SIGTERM (or ``stopping``) came while start-up waited for a service."""
+
+
+async def _when_reachable(
+    service: str,
+    target: str,
+    step: Callable[[], Awaitable[T]],
+    transient: Callable[[BaseException], bool],
+    stopping: asyncio.Event,
+) -> T:
+    """``step()``, tried again with capped backoff for as long as it fails in a way that
+    waiting can cure (``transient``: refused, reset, timed out, starting up), each failure
+    one warning line; anything else is raised. Raises :class:`_StoppedWhileWaiting` if
+    ``stopping`` is set while it waits."""
+    backoff = Backoff(STARTUP_RETRY_BASE_S, STARTUP_RETRY_CAP_S)
+    while True:
+        try:
+            result = await step()
+        except Exception as exc:
+            if not transient(exc):
+                raise
+            delay = backoff.next()
+            log.warning(
+                f"{service} not reachable yet, waiting",
+                target=target,
+                error=f"{type(exc).__name__}: {exc}",
+                attempt=backoff.attempts,
+                retry_in_s=round(delay, 2),
+            )
+            if await wait_any((stopping,), delay):
+                raise _StoppedWhileWaiting(service) from None
+            continue
+        if backoff.attempts:
+            log.info(f"{service} reachable", target=target, attempts=backoff.attempts + 1)
+        return result
+
+
+def _broker_transient(exc: BaseException) -> bool:
+    """Refused, reset or timed out (the broker down, booting, or the network): worth
+    waiting for. A channel error (topology arguments that differ) is not."""
+    return isinstance(exc, (OSError, TimeoutError))
+
+
+async def _migrate(settings: CentralSettings) -> list[str]:
+    conn = await connect(settings)
+    try:
+        return await migrate(conn, lock_timeout=settings.migration_lock_timeout)
+    finally:
+        await conn.close()
 
 
 class IngestService:
@@ -151,22 +214,30 @@ async def run(
 
     for signum in signals:
         loop.add_signal_handler(signum, stop)
+    database = redact_url(settings.database_url)
+    amqp = redact_url(settings.amqp_url)
     try:
-        conn = await connect(settings)
         try:
-            applied = await migrate(conn, lock_timeout=settings.migration_lock_timeout)
-        finally:
-            await conn.close()
-        await declare(settings)
+            applied = await _when_reachable(
+                "PostgreSQL", database, lambda: _migrate(settings), is_transient, stopping
+            )
+            await _when_reachable(
+                "RabbitMQ", amqp, lambda: declare(settings), _broker_transient, stopping
+            )
+            pool = await _when_reachable(
+                "PostgreSQL", database, lambda: create_pool(settings), is_transient, stopping
+            )
+        except _StoppedWhileWaiting as waiting:
+            log.info("central stopped before it started", waiting_for=str(waiting))
+            return IngestStats()
         log.info(
             "central starting",
             workers=workers,
             rpc_workers=rpc_workers,
             migrations_applied=applied,
-            amqp=redact_url(settings.amqp_url),
-            database=redact_url(settings.database_url),
+            amqp=amqp,
+            database=database,
         )
-        pool = await create_pool(settings)
         try:
             service = CentralService(settings, pool, workers=workers, rpc_workers=rpc_workers)
             consuming = asyncio.Event()
