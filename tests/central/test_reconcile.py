@@ -4,7 +4,6 @@ backoff) and closed, and Z-reports are checked against the documents received.""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -241,9 +240,17 @@ async def test_z_reports_are_checked_once_their_range_is_complete(
         )
     }
     assert rows[good.register_id]["status"] == "ok"
-    assert json.loads(rows[good.register_id]["differences"]) == []
+    assert rows[good.register_id]["differences"] == []
     assert rows[bad.register_id]["status"] == "mismatch"
-    differences = [Difference(**d) for d in json.loads(rows[bad.register_id]["differences"])]
+    # Stored as a JSON array, not as a string holding one.
+    assert (
+        await pool.fetchval(
+            "SELECT jsonb_typeof(differences) FROM shift_reconciliations WHERE register_id = $1",
+            bad.register_id,
+        )
+        == "array"
+    )
+    differences = [Difference(**d) for d in rows[bad.register_id]["differences"]]
     assert differences == [
         Difference("gross_sales", 5600, 5000),
         Difference("payments[card].amount", 4100, 3500),

@@ -26,12 +26,10 @@ then recognises as duplicates.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import aio_pika
 import asyncpg
@@ -280,7 +278,7 @@ async def _reconcile_shifts(conn: Conn, result: PassResult) -> None:
     for shift in await conn.fetch(_CLOSED_SHIFTS, MAX_SHIFTS_PER_PASS):
         register_id, shift_no = shift["register_id"], shift["shift_no"]
         if shift["contiguous_seq"] < shift["last_seq"]:
-            await conn.execute(_SAVE_SHIFT, register_id, shift_no, "waiting", "[]")
+            await conn.execute(_SAVE_SHIFT, register_id, shift_no, "waiting", [])
             result.shifts_waiting += 1
             continue
         differences = await shift_differences(conn, shift)
@@ -290,7 +288,7 @@ async def _reconcile_shifts(conn: Conn, result: PassResult) -> None:
             register_id,
             shift_no,
             status,
-            json.dumps([vars(d) for d in differences]),
+            [vars(d) for d in differences],  # the pool's codec encodes jsonb
         )
         if differences:
             result.shifts_mismatch += 1
@@ -325,7 +323,7 @@ async def shift_differences(conn: Conn, shift: asyncpg.Record) -> list[Differenc
     for row in await conn.fetch(_SALES_BY_METHOD, register_id, shift_no):
         found[f"payments[{row['method_id']}].count"] = row["n"]
         found[f"payments[{row['method_id']}].amount"] = row["amount"]
-    for payment in _payments(shift["payments"]):
+    for payment in shift["payments"] or []:  # jsonb, decoded by the pool's codec
         reported[f"payments[{payment['method_id']}].count"] = int(payment["count"])
         reported[f"payments[{payment['method_id']}].amount"] = int(payment["amount"])
     return [
@@ -333,12 +331,6 @@ async def shift_differences(conn: Conn, shift: asyncpg.Record) -> list[Differenc
         for name in sorted(set(found) | set(reported))
         if reported.get(name, 0) != found.get(name, 0)
     ]
-
-
-def _payments(value: Any) -> list[dict[str, Any]]:
-    if value is None:
-        return []
-    return list(json.loads(value) if isinstance(value, str) else value)
 
 
 class Reconciler:

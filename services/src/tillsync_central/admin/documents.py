@@ -7,7 +7,6 @@ Money stays integer minor units (``bigint`` sums come back as ``int``); pages fo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -146,12 +145,7 @@ async def zreport_page(
     """Closed shifts, newest first, beside what central received of them (receipts and
     refunds, net) and the reconciler's verdict (``ok``, ``mismatch``, ``waiting``)."""
     rows = await pool.fetch(_ZREPORTS, center, register, since, until, limit, offset)
-    reports = [_iso(dict(r), "opened_at", "closed_at") for r in rows]
-    for report in reports:
-        # Rows written with json.dumps() through the pool's jsonb codec hold a JSON string.
-        if isinstance(report["differences"], str):
-            report["differences"] = json.loads(report["differences"])
-    return reports
+    return [_iso(dict(r), "opened_at", "closed_at") for r in rows]
 
 
 async def document_detail(pool: asyncpg.Pool, register_id: str, seq: int) -> dict[str, Any] | None:
