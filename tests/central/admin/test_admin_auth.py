@@ -4,6 +4,7 @@ endpoint is covered (and fails here if it lets a viewer through) without editing
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ from tillsync_central.admin.auth import Endpoint
 from tillsync_central.admin.endpoints import ENDPOINTS
 from tillsync_central.admin.operators import role_allows
 from tillsync_central.admin.sessions import COOKIE_NAME, csrf_token
+from tillsync_central.admin.throttle import LoginThrottle
 from tillsync_central.settings import CentralSettings
 
 from .admin_clients import PASSWORD, Clients, login
@@ -255,3 +257,43 @@ def test_users_cli_adds_and_lists_operators(
     assert '"username": "boss"' in listed.stdout
     assert '"role": "administrator"' in listed.stdout
     assert "a long enough secret" not in added.stdout + added.stderr + listed.stdout
+
+
+async def test_repeated_failed_logins_are_slowed_down_per_username(clients: Clients) -> None:
+    async def log_in(username: str, password: str) -> httpx.Response:
+        return await clients.anonymous.post(
+            "/api/sessions", json={"username": username, "password": password}
+        )
+
+    for _ in range(5):
+        assert (await log_in("op-viewer", "wrong password")).status_code == 401
+    # Now even the right password is not checked until the wait is over.
+    throttled = await log_in("op-viewer", PASSWORD)
+    assert throttled.status_code == 429
+    assert throttled.json()["error"]["code"] == "too_many_attempts"
+    assert throttled.json()["error"]["field"] == "username"
+    # Other operators are not affected.
+    assert (await log_in("op-supervisor", PASSWORD)).status_code == 201
+    await asyncio.sleep(1.1)  # the first wait is 1 s
+    assert (await log_in("op-viewer", PASSWORD)).status_code == 201
+    # A success forgets the failures: one more wrong password is a plain 401.
+    assert (await log_in("op-viewer", "wrong password")).status_code == 401
+    assert (await log_in("op-viewer", PASSWORD)).status_code == 201
+
+
+def test_the_login_wait_doubles_and_is_capped() -> None:
+    now = [1000.0]
+    throttle = LoginThrottle(free=2, base_s=1.0, cap_s=8.0, clock=lambda: now[0])
+    throttle.failed("Ann")
+    throttle.failed("ann")
+    assert throttle.wait_s("ANN") == 1.0
+    waits = []
+    for _ in range(5):
+        throttle.failed("ann")
+        waits.append(throttle.wait_s("ann"))
+    assert waits == [2.0, 4.0, 8.0, 8.0, 8.0]
+    now[0] += 8.0
+    assert throttle.wait_s("ann") == 0.0
+    throttle.succeeded("ann")
+    throttle.failed("ann")
+    assert throttle.wait_s("ann") == 0.0

@@ -30,7 +30,7 @@ from .documents import DocumentQuery, document_detail, document_page, receipt_da
 from .errors import AdminError
 from .fleet import FLEET_SORTS, FLEET_STATES, FleetQuery, center_totals, fleet_page
 from .live import sse_frames
-from .operators import add_operator, authenticate, list_operators
+from .operators import add_operator, list_operators
 from .paging import (
     choice_param,
     date_param,
@@ -74,7 +74,7 @@ async def login(ctx: AdminContext, request: Request, session: Session | None) ->
     payload = await read_json(request)
     username = _str_field(payload, "username", max_len=63)
     password = _str_field(payload, "password", max_len=1000)
-    operator = await authenticate(ctx.pool, username, password)
+    operator = await ctx.log_in(username, password)
     lifetime = timedelta(hours=ctx.settings.admin_session_hours)
     created = await create_session(ctx.pool, operator, lifetime, "token")
     body = {

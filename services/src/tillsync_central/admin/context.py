@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import asyncpg
@@ -10,8 +10,11 @@ from starlette.templating import Jinja2Templates
 
 from ..settings import CentralSettings
 from .display import FILTERS
+from .errors import AdminError
 from .live import LiveFeed
+from .operators import Operator, authenticate
 from .queues import QueueMonitor
+from .throttle import LoginThrottle
 
 __all__ = ["AdminContext"]
 
@@ -25,6 +28,7 @@ class AdminContext:
     monitor: QueueMonitor
     feed: LiveFeed
     templates: Jinja2Templates
+    throttle: LoginThrottle = field(default_factory=LoginThrottle)
 
     @classmethod
     def build(cls, settings: CentralSettings, pool: asyncpg.Pool) -> AdminContext:
@@ -37,6 +41,17 @@ class AdminContext:
             feed=LiveFeed(pool, offline_after_s=3 * settings.heartbeat_interval_s),
             templates=templates,
         )
+
+    async def log_in(self, username: str, password: str) -> Operator:
+        """The operator, or ``login_failed`` / ``too_many_attempts`` (see throttle.py)."""
+        self.throttle.check(username)
+        try:
+            operator = await authenticate(self.pool, username, password)
+        except AdminError:
+            self.throttle.failed(username)
+            raise
+        self.throttle.succeeded(username)
+        return operator
 
     @property
     def offline_after_s(self) -> float:

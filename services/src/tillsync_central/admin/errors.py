@@ -27,15 +27,16 @@ _STATUS_OF_CODE = {
     "operator_exists": 409,
     "already_settled": 409,
     "too_large": 413,
+    "too_many_attempts": 429,
     "broker_management_error": 502,
 }
 
 
 class AdminError(TillsyncError):
     """A request the admin API refuses: ``unauthorized``, ``login_failed``,
-    ``forbidden`` (the role may not), ``csrf_failed``, ``not_found``,
-    ``unknown_operator``, ``operator_exists``, ``unknown_dead_letter``,
-    ``already_settled`` (a dead letter no longer ``new``)."""
+    ``too_many_attempts`` (login throttled), ``forbidden`` (the role may not),
+    ``csrf_failed``, ``not_found``, ``unknown_operator``, ``operator_exists``,
+    ``unknown_dead_letter``, ``already_settled`` (a dead letter no longer ``new``)."""
 
     code = "admin_error"
 

@@ -27,7 +27,7 @@ from .context import AdminContext
 from .documents import document_detail, document_page, receipt_days, zreport_page
 from .errors import AdminError
 from .fleet import FLEET_STATES, FleetQuery, center_totals, fleet_page
-from .operators import authenticate, list_operators, role_allows
+from .operators import list_operators, role_allows
 from .paging import choice_param, decode_cursor, encode_cursor, int_param, limit_param, text_param
 from .queues import HISTORY, sparkline
 from .sessions import COOKIE_NAME, Session, create_session, delete_session
@@ -215,12 +215,12 @@ def page_routes(ctx: AdminContext) -> list[Route]:
         username, password = str(form.get("username", "")), str(form.get("password", ""))
         next_page = _safe_next(str(form.get("next", "")))
         try:
-            operator = await authenticate(ctx.pool, username.strip(), password)
+            operator = await ctx.log_in(username.strip(), password)
         except AdminError as exc:
             response = _render(
                 ctx, request, None, "login.html", title="Log in", next=next_page, error=exc.reason
             )
-            response.status_code = 401
+            response.status_code = 429 if exc.code == "too_many_attempts" else 401
             return response
         hours = ctx.settings.admin_session_hours
         session = await create_session(ctx.pool, operator, timedelta(hours=hours), "cookie")
