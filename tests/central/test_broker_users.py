@@ -32,7 +32,7 @@ from tillsync_central.presence import fleet_presence
 from tillsync_central.provisioning import ProvisioningError
 from tillsync_central.runner import CentralService, declare
 from tillsync_central.settings import CentralSettings
-from tillsync_protocol import topology
+from tillsync_protocol import ConfigError, topology
 
 DOCUMENTS = 30
 
@@ -51,7 +51,9 @@ async def service_settings(
     created = await setup_service_user(management, settings.amqp_url.get_secret_value(), user=user)
     assert created.created
     assert created.amqp_url is not None
-    yield settings.model_copy(update={"amqp_url": SecretStr(created.amqp_url)})
+    yield settings.model_copy(
+        update={"amqp_url": SecretStr(created.amqp_url), "declare_topology": False}
+    )
     await management.delete_user(user)
 
 
@@ -62,7 +64,7 @@ async def test_every_central_worker_runs_as_the_service_user(
     management: Management,
     tmp_path: Path,
 ) -> None:
-    await declare(service_settings)  # what every `run` does first: configure is enough
+    await declare(service_settings)  # what every `run` does first: a passive check
     service = CentralService(service_settings, pool, workers=2)
     stopping = asyncio.Event()
     running = asyncio.create_task(service.run(stopping))
@@ -153,10 +155,16 @@ async def test_the_service_user_cannot_touch_registers_forge_or_manage(
         queue = await channel.get_queue(own_queue, ensure=False)
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await queue.consume(_ignore)
-        # Declare anything outside the shared topology: refused.
+        # Declare anything, or delete central's own queues: refused.
         channel = await connection.channel()
         with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
             await channel.declare_queue("sneaky", timeout=10)
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await channel.queue_delete(topology.INGEST_QUEUE, timeout=10)
+        channel = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await channel.exchange_delete(topology.DOCS_EXCHANGE, timeout=10)
         # Publish a document as if from a register: no write on tillsync.docs.
         channel = await connection.channel(publisher_confirms=True)
         docs = await channel.get_exchange(topology.DOCS_EXCHANGE, ensure=False)
@@ -191,6 +199,28 @@ async def test_the_service_user_cannot_touch_registers_forge_or_manage(
         created = await client.put("/api/users/intruder", json={"password": "x", "tags": ""})
         assert created.status_code == 401
         assert (await client.get("/api/overview")).status_code == 401
+
+
+async def test_the_service_user_may_not_declare_and_a_missing_piece_is_a_config_error(
+    service_settings: CentralSettings, settings: CentralSettings, management: Management
+) -> None:
+    # With declaring on, the service user is refused by the broker.
+    declaring = service_settings.model_copy(update={"declare_topology": True})
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+        await declare(declaring)
+    # A queue of the shared topology gone: the passive check names it.
+    admin = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=15)
+    async with admin:
+        channel = await admin.channel()
+        await channel.queue_delete(topology.PRESENCE_QUEUE)
+    with pytest.raises(ConfigError) as missing:
+        await declare(service_settings)
+    assert missing.value.field == "declare_topology"
+    assert topology.PRESENCE_QUEUE in str(missing.value)
+    # Setup declares it again, and the check passes.
+    user = service_settings.amqp_url.get_secret_value().split("//")[1].split(":")[0]
+    await setup_service_user(management, settings.amqp_url.get_secret_value(), user=user)
+    await declare(service_settings)
 
 
 async def _ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:

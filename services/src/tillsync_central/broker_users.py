@@ -1,18 +1,20 @@
 """Central's own broker user, with only the rights its workers use (issue #6).
 
-``tillsync-central run`` (ingest, dead letters, relay, catalog RPC, presence) and the
-commands that publish (``reinit``, dead-letter replay) log in with ``amqp_url``. In
-production that is the service user this module provisions, not the administrator whose
-credentials are in ``rabbitmq_api_url`` (which only enrolling and revoking registers
-need). The broker enforces, on the central vhost:
+``tillsync-central run`` (ingest, dead letters, relay, catalog RPC, presence, reconciler)
+and the commands that publish (``reinit``, dead-letter replay) log in with ``amqp_url``.
+In production that is the service user this module provisions, not the administrator
+whose credentials are in ``rabbitmq_api_url`` (which only this setup and enrolling and
+revoking registers need). :func:`setup_service_user` declares the shared topology itself,
+through the management API, and the workers run with ``declare_topology`` off (they only
+check passively that it exists). The broker enforces, on the central vhost:
 
-- configure: the shared topology only (each process declares it at start-up, which is
-  idempotent) — never a register's queue, so it cannot delete or redeclare one;
-- write: the exchanges central publishes to (``tillsync.registers``: acks, delta pages,
-  commands, resend requests; ``tillsync.catalog``: catalog changes) and its own queues
-  (binding a queue needs write on it) — never ``tillsync.docs``, so it cannot forge a
-  register's document, and, by topic permissions, no heartbeats on ``tillsync.presence``;
-- read: its own queues and the exchanges they are bound to — never a register's queue;
+- configure: nothing — the service user cannot declare, delete or redeclare any queue or
+  exchange, neither a register's nor central's own (``tillsync.ingest`` included);
+- write: only the exchanges central publishes to (``tillsync.registers``: acks, delta
+  pages, commands, resend requests; ``tillsync.catalog``: catalog changes), each under
+  its own routing keys (topic permissions) — never ``tillsync.docs`` or
+  ``tillsync.presence``, so it cannot forge a register's document or heartbeat;
+- read: central's own queues — never a register's queue;
 - no tags: no management API access, so it cannot create users or change permissions.
 """
 
@@ -59,12 +61,9 @@ def _alternatives(names: list[str] | tuple[str, ...]) -> str:
 
 def service_permissions() -> Permissions:
     """The service user's permissions on the central vhost (regexes)."""
-    exchanges = [exchange.name for exchange in topology.exchanges()]
     queues = [queue.name for queue in topology.queues()]
-    bound_from = [binding.exchange for binding in topology.shared_bindings()]
-    # Topic exchanges it must not publish to get an empty topic permission: the presence
-    # queue shares its name with the presence exchange, so write on the queue (to bind
-    # it) is also write on the exchange, and only this denies forged heartbeats.
+    # Topic exchanges it must not publish to get an empty topic permission too (defence
+    # in depth: the vhost write permission already leaves them out).
     topic_write = {
         exchange.name: "^$"
         for exchange in topology.exchanges()
@@ -72,18 +71,12 @@ def service_permissions() -> Permissions:
     }
     topic_write[topology.REGISTERS_EXCHANGE] = r"^reg\.[a-z0-9-]+\.[a-z_]+$"
     topic_write[topology.CATALOG_EXCHANGE] = r"^cat\.[a-z0-9-]+\.[a-z_]+$"
-    # queue.bind checks the binding key against the topic read permission.
-    topic_read = {
-        binding.exchange: f"^{re.escape(binding.routing_key)}$"
-        for binding in topology.shared_bindings()
-        if binding.exchange in topic_write
-    }
     return Permissions(
-        configure=_alternatives(exchanges + queues),
-        write=_alternatives([*_PUBLISHES_TO, *queues]),
-        read=_alternatives(queues + bound_from),
+        configure="^$",
+        write=_alternatives(_PUBLISHES_TO),
+        read=_alternatives(queues),
         topic_write=topic_write,
-        topic_read=topic_read,
+        topic_read={},  # it binds nothing
     )
 
 
@@ -95,7 +88,8 @@ async def setup_service_user(
     password: str | None = None,
     rotate: bool = False,
 ) -> ServiceUser:
-    """Create or update the service user and (re)apply its permissions; idempotent.
+    """Declare the shared topology, create or update the service user and (re)apply its
+    permissions; idempotent.
 
     An existing user keeps its password unless ``password`` is given or ``rotate`` asks
     for a new random one, so running this again does not lock out running workers.
@@ -115,6 +109,7 @@ async def setup_service_user(
         password = secrets.token_urlsafe(24)
     if password is not None:
         await management.put_user(user, password)  # no tags: no management API
+    await management.declare_shared_topology()  # the workers may only check it
     rights = service_permissions()
     await management.set_permissions(
         user, configure=rights.configure, write=rights.write, read=rights.read

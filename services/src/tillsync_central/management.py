@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
-from tillsync_protocol import TillsyncError
+from tillsync_protocol import TillsyncError, topology
 
 from .settings import CentralSettings, redact_url
 
@@ -133,6 +133,13 @@ class Management:
         )
 
     # -- queues and bindings --------------------------------------------------------------
+
+    async def declare_shared_topology(self) -> None:
+        """Declare every shared exchange, queue and binding (a definitions import: what
+        ``tillsync-central run`` declares itself unless ``declare_topology`` is off)."""
+        await self._request(
+            "POST", f"/api/definitions/{_q(self.vhost)}", json=topology.definitions(self.vhost)
+        )
 
     async def declare_queue(self, name: str, arguments: dict[str, Any]) -> None:
         """Declare a durable queue (idempotent while the arguments do not change)."""

@@ -21,7 +21,7 @@ import aio_pika
 import asyncpg
 import structlog
 
-from tillsync_protocol import Backoff
+from tillsync_protocol import Backoff, ConfigError
 
 from .admin.app import serving_admin
 from .catalog_rpc import CatalogRpcWorker, RpcStats
@@ -35,7 +35,7 @@ from .relay import Relay
 from .settings import CentralSettings, redact_url
 from .store import is_transient
 from .systemd import Notifier, run_supervised
-from .topology import declare_topology
+from .topology import declare_topology, verify_topology
 
 __all__ = ["CentralService", "IngestService", "declare", "run"]
 
@@ -184,11 +184,22 @@ class CentralService:
 
 
 async def declare(settings: CentralSettings) -> None:
-    """Declare the shared topology over one short-lived connection."""
+    """Declare the shared topology over one short-lived connection, or with
+    ``declare_topology`` off only check that it exists (``config_error`` if not)."""
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=15)
     async with connection:
         channel = await connection.channel()
-        await declare_topology(channel)
+        if settings.declare_topology:
+            await declare_topology(channel)
+            return
+        try:
+            await verify_topology(channel)
+        except aio_pika.exceptions.ChannelNotFoundEntity as exc:
+            raise ConfigError(
+                f"the shared topology is incomplete ({exc}); declare it with "
+                "`tillsync-central broker setup-users` or run once with declare_topology on",
+                field="declare_topology",
+            ) from exc
 
 
 async def run(

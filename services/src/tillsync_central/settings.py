@@ -126,6 +126,11 @@ class CentralSettings(BaseSettings):
     """The registers' ``heartbeat_interval_s``: a register whose last heartbeat is older
     than three of them is shown offline."""
 
+    declare_topology: bool = True
+    """Declare the shared topology at start-up (idempotent). Off: only check that it exists
+    (passively), for the least-privilege service user, which may not declare; then
+    ``tillsync-central broker setup-users`` declares it with the administrator's rights."""
+
     reconcile_interval_s: float = Field(default=10.0, gt=0, le=86_400)
     """Seconds between reconciliation passes (seq holes, Z-reports; reconcile.py)."""
     reconcile_hole_grace_s: float = Field(default=30.0, ge=0, le=86_400)

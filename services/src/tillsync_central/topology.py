@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 
 from tillsync_protocol import topology
 
-__all__ = ["DECLARE_TIMEOUT_S", "declare_topology"]
+__all__ = ["DECLARE_TIMEOUT_S", "declare_topology", "verify_topology"]
 
 DECLARE_TIMEOUT_S = 30.0
 
@@ -43,3 +43,13 @@ async def declare_topology(channel: AbstractChannel) -> None:
             routing_key=binding.routing_key,
             timeout=DECLARE_TIMEOUT_S,
         )
+
+
+async def verify_topology(channel: AbstractChannel) -> None:
+    """Check that every shared exchange and queue exists, by passive declarations, which
+    need no configure right (the least-privilege service user has none). Raises aio-pika's
+    ``ChannelNotFoundEntity`` for the first one missing. Bindings cannot be checked so."""
+    for exchange in topology.exchanges():
+        await channel.declare_exchange(exchange.name, passive=True, timeout=DECLARE_TIMEOUT_S)
+    for queue in topology.queues():
+        await channel.declare_queue(queue.name, passive=True, timeout=DECLARE_TIMEOUT_S)
