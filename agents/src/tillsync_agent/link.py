@@ -108,6 +108,7 @@ class Link:
                 topology.register_queue(self._settings.register_id), ensure=False
             )
             await queue.consume(self._on_message)
+            exchange = await publish_channel.get_exchange(topology.DOCS_EXCHANGE, ensure=False)
             self.rpc_exchange = await publish_channel.get_exchange(
                 topology.RPC_EXCHANGE, ensure=False
             )
@@ -122,7 +123,7 @@ class Link:
             log.info("link up", register_id=self._settings.register_id)
             for callback in self.on_up:
                 callback()
-            await self._sender.serve(publish_channel, closed, stopping)
+            await self._sender.serve(exchange, closed, stopping)
             if closed.is_set() and not stopping.is_set():
                 raise ConnectionError("connection closed by the broker")
         finally:

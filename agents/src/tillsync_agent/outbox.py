@@ -12,11 +12,9 @@ its own result or its own error.
 from __future__ import annotations
 
 import asyncio
-import json
-import sqlite3
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -76,34 +74,12 @@ class _Request:
     future: asyncio.Future[Submitted]
 
 
-# The sender's rows in flight are left out (a JSON array of seqs): they are due in the
-# table until their confirms are recorded, and must not be published twice meanwhile.
 _DUE = """
 SELECT seq, doc_id, doc_type, payload, attempts FROM outbox
 WHERE state IN ('pending', 'published') AND next_attempt_at <= ?
-    AND seq NOT IN (SELECT value FROM json_each(?))
 ORDER BY seq LIMIT ?
 """
-# The sender's two reads. New rows: along the primary key from the last seq it took (NOT
-# INDEXED, or SQLite sorts every due row for each call), so the cost is the rows
-# returned, whatever the backlog. Resends: due rows it already took once, but for those
-# still in flight.
-_FRESH = """
-SELECT seq, doc_id, doc_type, payload, attempts FROM outbox NOT INDEXED
-WHERE seq > ? AND state IN ('pending', 'published') AND next_attempt_at <= ?
-ORDER BY seq LIMIT ?
-"""
-_RESENDS = """
-SELECT seq, doc_id, doc_type, payload, attempts FROM outbox
-WHERE state IN ('pending', 'published') AND next_attempt_at <= ? AND seq <= ?
-    AND seq NOT IN (SELECT value FROM json_each(?))
-ORDER BY seq LIMIT ?
-"""
-_FIRST_OPEN = "SELECT MIN(seq) FROM outbox WHERE state IN ('pending', 'published')"
-_NEXT_DUE = """
-SELECT MIN(next_attempt_at) FROM outbox
-WHERE state IN ('pending', 'published') AND seq NOT IN (SELECT value FROM json_each(?))
-"""
+_NEXT_DUE = "SELECT MIN(next_attempt_at) FROM outbox WHERE state IN ('pending', 'published')"
 _INSERT = """
 INSERT INTO outbox (seq, doc_id, doc_type, created_at, shift_no, payload, state, next_attempt_at)
 VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
@@ -111,7 +87,6 @@ VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
 _COUNTERS = "SELECT name, value FROM counters"
 _ADD_COUNTER = "UPDATE counters SET value = value + ? WHERE name = ?"
 _SET_COUNTER = "UPDATE counters SET value = ? WHERE name = ?"
-# last_sent_at is when the broker confirmed the publish.
 _MARK_PUBLISHED = """
 UPDATE outbox SET state = 'published', attempts = attempts + 1, last_sent_at = ?,
     next_attempt_at = ?
@@ -206,22 +181,15 @@ class Outbox:
         return await asyncio.shield(future)
 
     async def _drain_all(self) -> None:
-        batch: list[_Request] = []
         try:
-            while self._queue:
-                batch, self._queue = self._queue, []
-                now = now_ms()
-                # Validation is most of a submit's CPU: done before taking the lock, which
-                # is taken again for every batch, so that acks and the sender's records
-                # waiting for it get their turn under a steady stream of submits.
-                documents = self._validate(batch, now)
-                if documents:
-                    async with self._lock:
-                        await self._write(documents, now)
+            async with self._lock:
+                while self._queue:
+                    batch, self._queue = self._queue, []
+                    await self._write(batch)
         except BaseException as exc:
-            # A failed transaction fails its own batch; what queued meanwhile fails too
-            # rather than waiting for a drainer that is gone.
-            batch, self._queue = batch + self._queue, []
+            # A failed transaction fails its own batch (in _write); what queued meanwhile
+            # fails too rather than waiting for a drainer that is gone.
+            batch, self._queue = self._queue, []
             for request in batch:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -303,27 +271,17 @@ class Outbox:
         )
         return submitted
 
-    def _validate(self, batch: Sequence[_Request], now: int) -> list[tuple[_Request, Document]]:
-        """The batch's documents, built and validated with a placeholder seq; a request
-        that is not valid gets its error now."""
-        documents: list[tuple[_Request, Document]] = []
-        for request in batch:
-            try:
-                documents.append((request, self._build(request.doc_type, request.body, 1, now)))
-            except TillsyncError as exc:
-                request.future.set_exception(exc)
-        return documents
-
-    async def _write(self, batch: Sequence[tuple[_Request, Document]], now: int) -> None:
+    async def _write(self, batch: Sequence[_Request]) -> None:
+        db = self._store.db
         counts = self._counts
         seq = counts.last_seq
         rows: list[tuple[Any, ...]] = []
         accepted: list[tuple[_Request, Submitted]] = []
         shifts_closed: list[int] = []
-        for request, draft in batch:
+        now = now_ms()
+        for request in batch:
             try:
-                # The seq is the only field set under the lock (validated: a positive int).
-                document = draft.model_copy(update={"seq": seq + 1})
+                document = self._build(request.doc_type, request.body, seq + 1, now)
                 payload = encode(document)
                 if len(payload) > MAX_MESSAGE_SIZE:
                     # Central would refuse it as too_large: refuse it now, before it has a seq.
@@ -342,20 +300,17 @@ class Outbox:
             accepted.append((request, Submitted(seq, document.doc_id, document.type)))
         if not rows:
             return
-        stale_before = now - self._resend_after_ms
-
-        def work(db: sqlite3.Connection) -> None:
-            db.executemany(_INSERT, rows)
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.executemany(_INSERT, rows)
             # A shift close triggers a check of the whole shift: resend what is still open.
             for shift_no in shifts_closed:
-                db.execute(_SHIFT_DUE, (now, shift_no, stale_before))
-            db.execute(_SET_COUNTER, (seq, "last_seq"))
-            db.execute(_ADD_COUNTER, (len(rows), "pending"))
-
-        try:
-            # One hop to the SQLite thread for the whole transaction; durable (FULL).
-            await self._store.transaction_in_thread(work)
+                await db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
+            await db.execute(_SET_COUNTER, (seq, "last_seq"))
+            await db.execute(_ADD_COUNTER, (len(rows), "pending"))
+            await db.execute("COMMIT")
         except BaseException as exc:
+            await rollback(db)
             for request, _ in accepted:
                 if not request.future.done():
                     request.future.set_exception(exc)
@@ -384,58 +339,17 @@ class Outbox:
 
     # -- sending ------------------------------------------------------------------------
 
-    async def due(
-        self, limit: int, now: int | None = None, *, exclude: Collection[int] = ()
-    ) -> list[OutboxRow]:
-        """Rows to publish now, in seq order, but for the seqs in ``exclude`` (in flight)."""
-        params = (now_ms() if now is None else now, _json_seqs(exclude), limit)
+    async def due(self, limit: int, now: int | None = None) -> list[OutboxRow]:
+        """Rows to publish now, in seq order."""
+        async with self._store.db.execute(
+            _DUE, (now_ms() if now is None else now, limit)
+        ) as cursor:
+            return [OutboxRow(*row) for row in await cursor.fetchall()]
 
-        def read(db: sqlite3.Connection) -> list[OutboxRow]:
-            return [OutboxRow(*row) for row in db.execute(_DUE, params)]
-
-        return await self._store.in_thread(read)
-
-    async def next_due_at(self, *, exclude: Collection[int] = ()) -> int | None:
-        """When the next open row outside ``exclude`` is due (ms), None if there is none."""
-        return await self._store.in_thread(lambda db: _next_due_at(db, _json_seqs(exclude)))
-
-    async def first_open(self) -> int | None:
-        """The lowest seq neither acknowledged nor rejected (None if there is none)."""
-
-        def read(db: sqlite3.Connection) -> int | None:
-            row = db.execute(_FIRST_OPEN).fetchone()
-            return None if row is None else row[0]
-
-        return await self._store.in_thread(read)
-
-    async def sendable(
-        self, limit: int, *, after: int, in_flight: Collection[int], resends: bool
-    ) -> tuple[list[OutboxRow], int, int | None]:
-        """What the sender publishes next, in one hop to the SQLite thread.
-
-        Returns ``(rows, new, next_due_at)``: up to ``limit`` rows due now in seq order —
-        if ``resends``, first those with ``seq <= after`` (taken before, due again) but for
-        ``in_flight``, then the ``new`` ones past ``after`` (cheap at any backlog) — and,
-        when there are none, when the next row outside ``in_flight`` is due (ms; now when
-        resends were not looked at).
-        """
-        now = now_ms()
-        # Only when needed: a thousand seqs in flight cost more to spell than to query.
-        exclude = _json_seqs(in_flight) if resends else None
-
-        def read(db: sqlite3.Connection) -> tuple[list[OutboxRow], int, int | None]:
-            rows: list[OutboxRow] = []
-            if exclude is not None:
-                rows = [OutboxRow(*r) for r in db.execute(_RESENDS, (now, after, exclude, limit))]
-            new = [OutboxRow(*r) for r in db.execute(_FRESH, (after, now, limit - len(rows)))]
-            rows.extend(new)
-            if rows:
-                return rows, len(new), None
-            # Nothing due: when the next row is (without resends looked at: now, so that
-            # the caller, caught up, looks again with them).
-            return rows, 0, (now if exclude is None else _next_due_at(db, exclude))
-
-        return await self._store.in_thread(read)
+    async def next_due_at(self) -> int | None:
+        async with self._store.db.execute(_NEXT_DUE) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None else row[0]
 
     async def mark_published(
         self,
@@ -445,29 +359,12 @@ class Outbox:
     ) -> None:
         """``published`` is ``(seq, next_attempt_at)`` for each confirmed publish; ``state``
         (agent_state keys) is written in the same transaction."""
-        await self.record_sends([(seq, now, next_at) for seq, next_at in published], (), state)
-
-    async def record_sends(
-        self,
-        published: Sequence[tuple[int, int, int]],
-        failed: Sequence[tuple[int, int]],
-        state: Mapping[str, str | None] | None = None,
-    ) -> None:
-        """The sender's results in one transaction: ``published`` is ``(seq, confirmed_at,
-        next_attempt_at)`` per confirmed publish, ``failed`` ``(seq, next_attempt_at)`` per
-        publish that was not confirmed; ``state`` (agent_state keys) goes with them.
-        Rows acknowledged meanwhile are left as they are."""
-        statements: list[tuple[str, Sequence[Sequence[Any]]]] = []
-        if published:
-            statements.append(
-                (_MARK_PUBLISHED, [(sent_at, next_at, seq) for seq, sent_at, next_at in published])
-            )
-        if failed:
-            statements.append((_MARK_FAILED, [(next_at, seq) for seq, next_at in failed]))
+        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
+            (_MARK_PUBLISHED, [(now, next_at, seq) for seq, next_at in published])
+        ]
         if state:
             statements.append((_SET_STATE, list(state.items())))
-        if statements:
-            await self._transaction(statements)
+        await self._transaction(statements)
 
     async def mark_failed(self, failed: Sequence[tuple[int, int]]) -> None:
         """``failed`` is ``(seq, next_attempt_at)``: not confirmed, try again then."""
@@ -510,16 +407,17 @@ class Outbox:
 
     async def _apply_acks(self, acks: Sequence[AckBody]) -> list[tuple[int, int]]:
         now = now_ms()
-
-        def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
-            results: list[tuple[int, int]] = []
+        db = self._store.db
+        results: list[tuple[int, int]] = []
+        try:
+            await db.execute("BEGIN IMMEDIATE")
             for ack in acks:
                 acked_one = rejected_one = 0
                 for seq_range in ack.accepted:
-                    cursor = db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
+                    cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
                     acked_one += cursor.rowcount
                 for rejection in ack.rejected:
-                    cursor = db.execute(
+                    cursor = await db.execute(
                         _REJECT,
                         (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
                     )
@@ -527,16 +425,13 @@ class Outbox:
                 results.append((acked_one, rejected_one))
             acked = sum(a for a, _ in results)
             rejected = sum(r for _, r in results)
-            db.executemany(
-                _ADD_COUNTER,
-                [(-(acked + rejected), "pending"), (acked, "acknowledged"), (rejected, "rejected")],
-            )
-            return results
-
-        # Not durable: an ack a power cut takes back is earned again by a resend.
-        results = await self._store.transaction_in_thread(work, durable=False)
-        acked = sum(a for a, _ in results)
-        rejected = sum(r for _, r in results)
+            await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
+            await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
+            await db.execute(_ADD_COUNTER, (rejected, "rejected"))
+            await db.execute("COMMIT")
+        except BaseException:
+            await rollback(db)
+            raise
         c = self._counts
         self._counts = Counts(
             c.last_seq,
@@ -582,18 +477,12 @@ class Outbox:
         await self._exclusive(lambda: self._run(statements))
 
     async def _run(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        def work(db: sqlite3.Connection) -> None:
+        db = self._store.db
+        try:
+            await db.execute("BEGIN IMMEDIATE")
             for sql, params in statements:
-                db.executemany(sql, params)
-
-        # Send records, due times and agent state: nothing here is a document.
-        await self._store.transaction_in_thread(work, durable=False)
-
-
-def _json_seqs(seqs: Collection[int]) -> str:
-    return json.dumps(sorted(seqs)) if seqs else "[]"
-
-
-def _next_due_at(db: sqlite3.Connection, exclude_json: str) -> int | None:
-    row = db.execute(_NEXT_DUE, (exclude_json,)).fetchone()
-    return None if row is None else row[0]
+                await db.executemany(sql, params)
+            await db.execute("COMMIT")
+        except BaseException:
+            await rollback(db)
+            raise

@@ -197,29 +197,6 @@ class Store:
 
         return await asyncio.shield(locked())
 
-    async def in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work(connection)`` on the connection's thread: one hop there and back,
-        whatever it executes (reads; for writes see :meth:`transaction_in_thread`)."""
-        db = self.db
-        # aiosqlite runs a callable on its thread only through _execute.
-        result: T = await db._execute(work, db._conn)  # type: ignore[no-untyped-call]
-        return result
-
-    async def transaction_in_thread(
-        self, work: Callable[[sqlite3.Connection], T], *, durable: bool = True
-    ) -> T:
-        """``work`` in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any error), all
-        of it one call on the connection's thread. The caller holds :attr:`write_lock`.
-
-        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``,
-        ``FULL`` again afterwards, in the same call): for writes a power cut may take back
-        because they are learnt again — central's acks (a lost one costs a resend that
-        central acknowledges again) and the sender's records (every open row is resent at
-        start-up anyway). Their frames are synced by the next durable commit. Documents
-        are only ever stored durably.
-        """
-        return await self.in_thread(lambda db: _transaction(db, work, durable))
-
     async def __aenter__(self) -> Store:
         await self.open()
         return self
@@ -245,26 +222,6 @@ def _take_lock(path: Path) -> int:
             field="data_dir",
         ) from None
     return fd
-
-
-def _transaction(
-    db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], durable: bool
-) -> T:
-    if not durable:
-        db.execute("PRAGMA synchronous=NORMAL")
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(db)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        return result
-    finally:
-        if not durable:
-            db.execute("PRAGMA synchronous=FULL")
 
 
 async def rollback(db: aiosqlite.Connection) -> None:
