@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -137,3 +138,38 @@ async def test_sigterm_while_waiting_for_postgresql_exits_cleanly(
         assert code == 0, central.log()
         assert _lines(central, "central stopped before it started") == 1
         assert "Traceback" not in central.log_path.read_text(errors="replace")
+
+
+def _with_password(url: str, password: str) -> str:
+    parts = urlsplit(url)
+    netloc = f"{parts.username}:{password}@{parts.hostname}:{parts.port}"
+    return parts._replace(netloc=netloc).geturl()
+
+
+async def test_a_refused_login_stops_run_with_a_config_error_instead_of_waiting(
+    fresh_vhost: str, make_database: Any
+) -> None:
+    """Waiting cannot cure a wrong password: one line naming the setting, exit 1."""
+    database_url = await make_database()
+    cases = {
+        "database_url": {
+            "TILLSYNC_DATABASE_URL": _with_password(database_url, "wrong"),
+            "TILLSYNC_AMQP_URL": fresh_vhost,
+        },
+        "amqp_url": {
+            "TILLSYNC_DATABASE_URL": database_url,
+            "TILLSYNC_AMQP_URL": _with_password(fresh_vhost, "wrong"),
+        },
+    }
+    for field, env in cases.items():
+        finished = await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "tillsync-central"), "run"],
+            env={**os.environ, **env, "TILLSYNC_ADMIN_IN_RUN": "false"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert finished.returncode == 1, finished.stderr
+        assert f"code=config_error field={field}" in finished.stderr
+        assert "Traceback" not in finished.stderr

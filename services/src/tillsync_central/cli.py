@@ -13,15 +13,16 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
+import aio_pika
 import asyncpg
 import structlog
 import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from tillsync_protocol import TillsyncError
+from tillsync_protocol import ConfigError, TillsyncError
 
 from .db import (
     MigrationError,
@@ -74,16 +75,28 @@ class DatabaseUnavailableError(TillsyncError):
 
 @contextmanager
 def _reported_errors() -> Iterator[None]:
-    """Turn a ``TillsyncError`` into a one-line report on stderr and exit status 1."""
+    """Turn a ``TillsyncError`` — or a login refused by PostgreSQL or RabbitMQ, which no
+    waiting cures — into a one-line report on stderr and exit status 1."""
     try:
         yield
     except TillsyncError as exc:
-        _err.print(
-            f"[bold red]error[/] code={exc.code} field={exc.field or '-'} reason={exc.reason}",
-            markup=True,
-            highlight=False,
-        )
-        raise typer.Exit(1) from None
+        _report(exc)
+    except (
+        asyncpg.InvalidAuthorizationSpecificationError,  # wrong password, unknown role
+        asyncpg.InvalidCatalogNameError,  # no such database
+    ) as exc:
+        _report(ConfigError(f"PostgreSQL refused the connection: {exc}", field="database_url"))
+    except aio_pika.exceptions.ProbableAuthenticationError as exc:
+        _report(ConfigError(f"RabbitMQ refused the login: {exc}", field="amqp_url"))
+
+
+def _report(exc: TillsyncError) -> NoReturn:
+    _err.print(
+        f"[bold red]error[/] code={exc.code} field={exc.field or '-'} reason={exc.reason}",
+        markup=True,
+        highlight=False,
+    )
+    raise typer.Exit(1) from None
 
 
 def _settings(config: Path | None) -> CentralSettings:

@@ -88,7 +88,10 @@ async def _when_reachable(
 
 def _broker_transient(exc: BaseException) -> bool:
     """Refused, reset or timed out (the broker down, booting, or the network): worth
-    waiting for. A channel error (topology arguments that differ) is not."""
+    waiting for. A channel error (topology arguments that differ) or a refused login is
+    not."""
+    if isinstance(exc, aio_pika.exceptions.ProbableAuthenticationError):
+        return False  # a refused login is a ConnectionError too, but waiting will not cure it
     return isinstance(exc, (OSError, TimeoutError))
 
 
