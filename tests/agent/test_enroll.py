@@ -25,6 +25,14 @@ CERT_PEM = CLIENT.cert_chain_pems[0].bytes().decode()
 KEY_PEM = CLIENT.private_key_pem.bytes().decode()
 
 
+@pytest.fixture(autouse=True)
+def _no_tillsync_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The services' URLs are exported for the tests (``deploy/dev/test``), and the
+    environment overrides a config file: these tests read only the enrolled file."""
+    for name in [name for name in os.environ if name.startswith("TILLSYNC_")]:
+        monkeypatch.delenv(name)
+
+
 def bundle(**extra: str) -> dict[str, Any]:
     return {"register_id": "r1", "center_id": "c1", **extra}
 

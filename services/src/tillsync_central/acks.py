@@ -13,10 +13,18 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from tillsync_protocol import Ack, AckBody, Rejection, SeqRange
+import aio_pika
 
-__all__ = ["MAX_ITEMS", "build_acks", "seq_ranges"]
+from tillsync_protocol import Ack, AckBody, Rejection, SeqRange, topology
+
+from .confirms import control_message
+
+if TYPE_CHECKING:
+    from .store import BatchResult
+
+__all__ = ["MAX_ITEMS", "ack_messages", "build_acks", "seq_ranges"]
 
 MAX_ITEMS = 10_000
 """Most ranges, and most rejections, one ack message may carry (the protocol's limit)."""
@@ -53,3 +61,21 @@ def build_acks(
         now = time.time_ns() // 1_000_000
         acks.append(Ack(msg_id=str(uuid.uuid4()), created_at=now, body=body))
     return acks
+
+
+def ack_messages(result: BatchResult) -> list[tuple[aio_pika.Message, str]]:
+    """The acks of a committed batch as ``(message, routing key)``, registers in order.
+
+    Transient: a persistent ack would wait for the broker's disk before its confirm, on
+    every batch's path. An ack the broker loses in a restart costs nothing lasting: the
+    agent resends everything open on reconnect, and the repeats are acknowledged again.
+    Not mandatory either: an ack for a register without a queue is lost the same way.
+    """
+    messages = []
+    for register_id in sorted(set(result.accepted) | set(result.rejected)):
+        accepted = result.accepted.get(register_id, set())
+        rejected = result.rejected.get(register_id, [])
+        key = topology.register_key(register_id, "ack")
+        for ack in build_acks(register_id, accepted, rejected):
+            messages.append((control_message(ack, persistent=False), key))
+    return messages

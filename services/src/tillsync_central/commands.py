@@ -17,10 +17,10 @@ from typing import Literal, cast
 import aio_pika
 import asyncpg
 
-from tillsync_protocol import CONTENT_TYPE, ENTITIES, Reinit, ReinitBody, encode, topology
+from tillsync_protocol import ENTITIES, Reinit, ReinitBody, topology
 from tillsync_protocol.catalog import EntityName
 
-from .confirms import publish_in_order
+from .confirms import control_message, publish_in_order
 from .provisioning import ProvisioningError
 from .settings import CentralSettings
 
@@ -99,17 +99,7 @@ async def send_reinit(
         await publish_in_order(
             exchange,
             (
-                (
-                    aio_pika.Message(
-                        encode(command),
-                        content_type=CONTENT_TYPE,
-                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                        message_id=command.msg_id,
-                        type="reinit",
-                        app_id="tillsync-central",
-                    ),
-                    topology.register_key(register_id, "command"),
-                )
+                (control_message(command), topology.register_key(register_id, "command"))
                 for command, register_id in zip(commands, register_ids, strict=True)
             ),
         )

@@ -17,9 +17,26 @@ from collections.abc import Iterable
 import aio_pika
 from aio_pika.abc import AbstractExchange
 
-__all__ = ["PUBLISH_TIMEOUT_S", "publish_in_order"]
+from tillsync_protocol import CONTENT_TYPE, ControlMessage, encode
+
+__all__ = ["PUBLISH_TIMEOUT_S", "control_message", "publish_in_order"]
 
 PUBLISH_TIMEOUT_S = 10.0
+
+
+def control_message(message: ControlMessage, *, persistent: bool = True) -> aio_pika.Message:
+    """A control message as central publishes it: its MessagePack bytes, ``message_id``
+    its ``msg_id`` and AMQP ``type`` its type."""
+    return aio_pika.Message(
+        encode(message),
+        content_type=CONTENT_TYPE,
+        delivery_mode=(
+            aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+        ),
+        message_id=message.msg_id,
+        type=message.type,
+        app_id="tillsync-central",
+    )
 
 
 async def publish_in_order(

@@ -24,15 +24,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import aio_pika
 import asyncpg
 import structlog
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 from prometheus_client import Histogram
 
-from tillsync_protocol import CONTENT_TYPE, Backoff, encode, topology
+from tillsync_protocol import Backoff, topology
 
-from .acks import build_acks
+from .acks import ack_messages
 from .consumer import BatchConsumer, Session
 from .dead_letters import DeadLetter, insert_dead_letters, json_safe
 from .intake import Delivery, inspect
@@ -167,27 +166,10 @@ class IngestWorker(BatchConsumer):
         return True
 
     async def _publish_acks(self, exchange: AbstractExchange, result: BatchResult) -> None:
-        publishes = []
-        for register_id in sorted(set(result.accepted) | set(result.rejected)):
-            accepted = result.accepted.get(register_id, set())
-            rejected = result.rejected.get(register_id, [])
-            for ack in build_acks(register_id, accepted, rejected):
-                # Transient: a persistent ack would wait for the broker's disk before its
-                # confirm, on every batch's path. An ack the broker loses in a restart
-                # costs nothing lasting: the agent resends everything open on reconnect,
-                # and the repeats are acknowledged again as duplicates.
-                message = aio_pika.Message(
-                    encode(ack),
-                    content_type=CONTENT_TYPE,
-                    delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-                    message_id=ack.msg_id,
-                    type="ack",
-                    app_id="tillsync-central",
-                )
-                key = topology.register_key(register_id, "ack")
-                # Not mandatory: an ack for a register without a queue is lost, and the
-                # register's resend is acknowledged again.
-                publishes.append(exchange.publish(message, key, timeout=PUBLISH_TIMEOUT_S))
+        publishes = [
+            exchange.publish(message, key, timeout=PUBLISH_TIMEOUT_S)
+            for message, key in ack_messages(result)
+        ]
         # Any failure raises: the session ends and the batch is redelivered and re-acked.
         await asyncio.gather(*publishes)
         self.stats.acks_published += len(publishes)

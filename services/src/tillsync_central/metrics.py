@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
-import uvicorn
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -43,10 +41,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tillsync_protocol import ConfigError
-
 from .db.pool import init_connection
 from .fleet_snapshot import FleetSnapshot, offline_after_s, read_fleet
+from .http_server import embedded_server, listen
 from .settings import CentralSettings
 
 if TYPE_CHECKING:
@@ -360,26 +357,6 @@ async def open_metrics_pool(settings: CentralSettings) -> asyncpg.Pool:
     return pool
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: ``tillsync-central run`` owns SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    try:
-        sock = socket.create_server((host, port), backlog=128)
-    except OSError as exc:
-        raise ConfigError(
-            f"the metrics endpoint cannot listen on {host}:{port}: {exc.strerror or exc}",
-            field="metrics_port",
-        ) from None
-    sock.setblocking(False)
-    return sock
-
-
 @contextlib.asynccontextmanager
 async def serving_metrics(
     settings: CentralSettings, service: CentralService | None = None
@@ -390,21 +367,17 @@ async def serving_metrics(
     if not settings.metrics_port:
         yield None
         return
-    sock = _listen(settings.metrics_host, settings.metrics_port)
+    sock = listen(
+        settings.metrics_host,
+        settings.metrics_port,
+        setting="metrics_port",
+        what="the metrics endpoint",
+    )
     pool: asyncpg.Pool | None = None
     try:
         pool = await open_metrics_pool(settings)
         app = metrics_app(build_registry(pool, settings, service=service))
-        config = uvicorn.Config(
-            app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            http="h11",
-            ws="none",
-            timeout_graceful_shutdown=_SERVER_STOP_TIMEOUT_S,
-        )
-        server = _Server(config)
+        server = embedded_server(app, shutdown_timeout=_SERVER_STOP_TIMEOUT_S)
         async with asyncio.TaskGroup() as group:
             group.create_task(server.serve(sockets=[sock]), name="metrics")
             log.info("metrics listening", host=settings.metrics_host, port=settings.metrics_port)

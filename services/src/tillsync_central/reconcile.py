@@ -35,10 +35,10 @@ import aio_pika
 import asyncpg
 import structlog
 
-from tillsync_protocol import CONTENT_TYPE, Backoff, encode, topology
+from tillsync_protocol import Backoff, topology
 from tillsync_protocol.control import ResendRequest, ResendRequestBody
 
-from .confirms import publish_in_order
+from .confirms import control_message, publish_in_order
 from .consumer import wait_any
 from .dead_letters import Conn
 from .settings import CentralSettings
@@ -254,15 +254,8 @@ async def _request(
         request = ResendRequest(
             msg_id=str(uuid.uuid4()), created_at=time.time_ns() // 1_000_000, body=body
         )
-        message = aio_pika.Message(
-            encode(request),
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=request.msg_id,
-            type="resend_request",
-            app_id="tillsync-central",
-        )
-        messages.append((message, topology.register_key(body.register_id, "resend")))
+        key = topology.register_key(body.register_id, "resend")
+        messages.append((control_message(request), key))
     await publish_in_order(exchange, messages)
     for body in bodies:
         log.warning(

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
 import structlog
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -29,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tillsync_protocol import ConfigError, TillsyncError
 
 from ..db.pool import init_connection
+from ..http_server import embedded_server, listen
 from ..metrics import build_registry, metrics_app
 from ..settings import CentralSettings
 from .auth import api_route
@@ -96,14 +96,6 @@ class _Asgi:
         await self.app(scope, receive, send)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: the process's runner owns SIGTERM and SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 class AdminServer:
     """The admin API and dashboard over one pool."""
 
@@ -123,21 +115,8 @@ class AdminServer:
 
     def start(self) -> None:
         """Bind now, so that a port in use fails the start-up (``ConfigError``)."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((self.host, self.port))
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(
-                f"the admin API cannot listen on {self.host}:{self.port}: {exc.strerror}",
-                field="admin_port",
-            ) from None
-        sock.listen(256)
-        sock.setblocking(False)
-        self.port = sock.getsockname()[1]
-        self._socket = sock
+        self._socket = listen(self.host, self.port, setting="admin_port", what="the admin API")
+        self.port = self._socket.getsockname()[1]
 
     @property
     def url(self) -> str:
@@ -148,16 +127,7 @@ class AdminServer:
         if self._socket is None:
             self.start()
         assert self._socket is not None
-        config = uvicorn.Config(
-            self.app,
-            lifespan="off",
-            log_config=None,
-            access_log=False,
-            http="h11",
-            ws="none",
-            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S,
-        )
-        server = _Server(config)
+        server = embedded_server(self.app, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(server.serve(sockets=[self._socket]))

@@ -22,9 +22,9 @@ import aio_pika
 import asyncpg
 import msgpack
 
-from tillsync_protocol import CONTENT_TYPE, ProtocolError, decode, encode, to_json, topology
+from tillsync_protocol import ProtocolError, decode, to_json, topology
 
-from ..acks import build_acks
+from ..acks import ack_messages
 from ..confirms import publish_in_order
 from ..dead_letters import json_safe
 from ..intake import Delivery, inspect
@@ -226,22 +226,7 @@ def _refused(error: dict[str, Any]) -> AdminError:
 
 async def _publish_acks(settings: CentralSettings, result: BatchResult) -> int:
     """The registers' acks, as an ingest worker publishes them after its commit."""
-    messages: list[tuple[aio_pika.Message, str]] = []
-    for register_id in sorted(set(result.accepted) | set(result.rejected)):
-        for ack in build_acks(
-            register_id,
-            result.accepted.get(register_id, set()),
-            result.rejected.get(register_id, []),
-        ):
-            message = aio_pika.Message(
-                encode(ack),
-                content_type=CONTENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=ack.msg_id,
-                type="ack",
-                app_id="tillsync-central",
-            )
-            messages.append((message, topology.register_key(register_id, "ack")))
+    messages = ack_messages(result)
     if not messages:
         return 0
     connection = await aio_pika.connect(settings.amqp_url.get_secret_value(), timeout=15)
