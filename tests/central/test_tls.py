@@ -472,7 +472,11 @@ async def test_cli_bundle_with_a_client_certificate_enrolls_an_agent_that_connec
         assert modes == dict.fromkeys(TLS_SETTINGS, 0o600)
         assert _read(values["tls_key_file"]) == contents["tls_key_pem"]
 
-        agent_settings = load_settings(config)
+        with pytest.MonkeyPatch.context() as env_free:
+            # deploy/dev/test exports TILLSYNC_AMQP_URL, which would override the file.
+            for name in [name for name in os.environ if name.startswith("TILLSYNC_")]:
+                env_free.delenv(name)
+            agent_settings = load_settings(config)
         assert agent_settings.broker_user == f"reg-{register}"
         connection = await aio_pika.connect(
             agent_settings.amqp_url.get_secret_value(),
