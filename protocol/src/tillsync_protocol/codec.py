@@ -14,7 +14,7 @@ we do not know; they are dropped. From our own or an older minor, an unknown fie
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgpack
@@ -161,27 +161,16 @@ def _clean_map(node: dict[Any, Any], depth: int) -> bool:
     only: anything unexpected is left to the slow walk to judge and report)."""
     if depth >= _MAX_DEPTH:
         return False
-    for key, value in node.items():
-        if type(key) is not str:
-            return False
-        kind = type(value)
-        if kind in _SCALARS:
-            continue
-        if kind is dict:
-            if not _clean_map(value, depth + 1):
-                return False
-        elif kind is list:
-            if not _clean_list(value, depth + 1):
-                return False
-        else:
-            return False
-    return True
+    return all(type(key) is str for key in node) and _clean_values(node.values(), depth)
 
 
 def _clean_list(node: list[Any], depth: int) -> bool:
-    if depth >= _MAX_DEPTH:
-        return False
-    for value in node:
+    return depth < _MAX_DEPTH and _clean_values(node, depth)
+
+
+def _clean_values(values: Iterable[Any], depth: int) -> bool:
+    """The values of a map or list at ``depth``: scalars, or containers clean below."""
+    for value in values:
         kind = type(value)
         if kind in _SCALARS:
             continue
