@@ -17,7 +17,7 @@ import aiosqlite
 import pytest
 
 from tillsync_agent.catalog_events import CatalogEvent
-from tillsync_agent.replica import Replica, UnknownItemError
+from tillsync_agent.replica import ApplyMode, Replica, UnknownItemError
 from tillsync_protocol import (
     ENTITIES,
     CatalogChangeBody,
@@ -50,6 +50,14 @@ async def state_of(replica: Replica, key: str) -> dict[str, Any]:
 def rows(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
     with sqlite3.connect(path) as db:
         return db.execute(sql, params).fetchall()
+
+
+def staged_rows(path: Path) -> int:
+    """Rows left in every staging table (none once an answer is applied)."""
+    tables = ("catalog_staging", "catalog_shadow", "catalog_next", "item_barcodes_next",
+              "catalog_next_drops")  # fmt: skip
+    with sqlite3.connect(path) as db:
+        return sum(db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables)
 
 
 def catalog_keys(path: Path, entity: str = "items") -> list[str]:
@@ -131,6 +139,7 @@ async def test_a_register_without_labels_keeps_labelled_items(tmp_path: Path) ->
         await replica.apply_change(change(1, "plain", item_state()))
         await replica.apply_change(change(2, "fuel", item_state(labels=["fuel"], barcodes=["9"])))
         request_id = new_request_id()
+        await replica.begin_staging(request_id)
         await replica.stage(request_id, pages([change(3, "bar", item_state(labels=["bar"]))], 1,
                                               request_id)[0])  # fmt: skip
         await replica.apply_staged(
@@ -182,9 +191,13 @@ async def test_center_row_wins_in_get_all_and_search(tmp_path: Path) -> None:
 
 
 async def stage_all(
-    replica: Replica, changes: list[CatalogChangeBody], request_id: str, size: int = 2
+    replica: Replica,
+    changes: list[CatalogChangeBody],
+    request_id: str,
+    size: int = 2,
+    mode: ApplyMode = "delta",
 ) -> None:
-    await replica.begin_staging()
+    await replica.begin_staging(request_id, mode)
     for page in pages(changes, size, request_id):
         await replica.stage(request_id, page)
 
@@ -220,7 +233,7 @@ async def test_a_delta_is_invisible_until_applied_with_its_cursors_in_one_transa
         # Real-time changes the delta already covered are duplicates now.
         assert await replica.apply_change(change(5, "c")) == "duplicate"
         assert await replica.apply_change(change(6, "d")) == "applied"
-    assert rows(db, "SELECT COUNT(*) FROM catalog_shadow") == [(0,)]
+    assert staged_rows(db) == 0
 
 
 async def test_a_delta_that_fails_while_applying_changes_nothing(
@@ -280,7 +293,7 @@ async def replace_catalog(replica: Replica, n: int, name: str, seq: int) -> str:
     changes = [
         change(seq, f"i-{k:05}", item_state(f"{name} {k}", barcodes=[f"b{k}"])) for k in range(n)
     ]
-    await stage_all(replica, changes, request_id, size=500)
+    await stage_all(replica, changes, request_id, size=500, mode="replace")
     return request_id
 
 
@@ -355,7 +368,7 @@ _KILLED_REPLACE = textwrap.dedent(
             replica = Replica(store, path=path, center_id="c-1")
             await replica.open()
             request_id = str(uuid.uuid4())
-            await replica.begin_staging()
+            await replica.begin_staging(request_id, "replace")
             for page_no in range(1, 6):
                 changes = [
                     CatalogChangeBody(scope="global", scope_seq=100, entity="items",
@@ -368,8 +381,8 @@ _KILLED_REPLACE = textwrap.dedent(
             real = replica_module._sync_barcodes
             swap = Replica._swap
 
-            async def slow_swap(self, db, request_id, entities):
-                result = await swap(self, db, request_id, entities)
+            async def slow_swap(self, db, entities, staging):
+                result = await swap(self, db, entities, staging)
                 print("swapped-uncommitted", flush=True)
                 await asyncio.sleep(60)  # killed here, before COMMIT
                 return result
@@ -406,7 +419,7 @@ async def test_replace_killed_before_its_commit_leaves_the_old_catalog(tmp_path:
             request_id, mode="replace", entities=list(ENTITIES), cursors={"global": 100}
         )
     assert len(catalog_keys(db)) == 50
-    assert rows(db, "SELECT COUNT(*) FROM catalog_shadow") == [(0,)]
+    assert staged_rows(db) == 0
 
 
 async def test_subscribers_get_committed_changes_and_a_slow_one_loses_the_oldest(
@@ -571,7 +584,7 @@ async def test_a_key_that_comes_twice_in_one_answer_ends_at_its_latest_change(
             change(2, "b"),
             change(3, "a", item_state("a-latest", barcodes=["3"]), version=2),
         ]
-        await stage_all(replica, answer, request_id)
+        await stage_all(replica, answer, request_id, mode=mode)
         applied = await replica.apply_staged(
             request_id, mode=mode, entities=ENTITIES, cursors={"global": 3, CENTER: 0}
         )
@@ -580,4 +593,4 @@ async def test_a_key_that_comes_twice_in_one_answer_ends_at_its_latest_change(
         assert [e.key for e in await replica.all("items")] == ["a", "b"]
         assert await barcode_owner(replica, "3") == "a"
         assert await replica.item_by_barcode("1") is None
-    assert rows(db, "SELECT COUNT(*) FROM catalog_shadow") == [(0,)]
+    assert staged_rows(db) == 0

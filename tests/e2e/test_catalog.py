@@ -294,7 +294,7 @@ async def test_reinit_replace_killed_midway_keeps_the_old_catalog_and_a_rerun_co
 
         async def staging() -> bool:
             ((count,),) = await asyncio.to_thread(
-                replica_query, settings, "SELECT count(*) FROM catalog_shadow"
+                replica_query, settings, "SELECT count(*) FROM catalog_next"
             )
             return bool(count > 0)
 
@@ -309,7 +309,7 @@ async def test_reinit_replace_killed_midway_keeps_the_old_catalog_and_a_rerun_co
     assert reinit.returncode == 2, out.decode() + err.decode()
     assert "not_running" in err.decode()
     assert "Traceback" not in err.decode()
-    ((staged,),) = replica_query(settings, "SELECT count(*) FROM catalog_shadow")
+    ((staged,),) = replica_query(settings, "SELECT count(*) FROM catalog_next")
     assert 0 < staged < len(old)  # killed midway through the pages
     assert await replica_rows(settings) == old  # the old catalog, untouched
     killed = catalog_runs(settings)[-1]

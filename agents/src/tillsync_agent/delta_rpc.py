@@ -146,14 +146,15 @@ class DeltaRpc:
         progress: SyncProgress,
         notify: Callable[[], None],
     ) -> tuple[DeltaEndBody, int]:
-        """Ask central and stage every page in the replica's shadow (cleared first); returns
+        """Ask central and stage every page in the replica (what was staged is cleared first;
+        a replace stages the next catalog itself, a delta or update the shadow); returns
         the ``delta_end`` and how many changes of scopes we do not follow were left out.
 
         Raises ``SyncError`` (central's ``error_code``, or an incomplete answer),
         ``NotConnectedError`` if the link goes down, ``TimeoutError`` if a reply is later
         than ``delta_timeout_s``.
         """
-        await self._replica.begin_staging()
+        await self._replica.begin_staging(request_id, request.mode)
         replies: asyncio.Queue[StagedPage | DeltaEnd] = asyncio.Queue()
         self._replies[request_id] = replies
         try:

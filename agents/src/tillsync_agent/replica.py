@@ -22,11 +22,12 @@ import asyncio
 import json
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import aiosqlite
+from pydantic_core import to_json
 
 from tillsync_protocol import (
     ENTITIES,
@@ -39,13 +40,17 @@ from tillsync_protocol.control import CatalogValue
 
 from .catalog_events import CatalogEvent, CatalogEvents, CatalogSubscription, EventSource
 from .catalog_reader import CatalogReader, entry_of
-from .outbox import Outbox, Submitted
-from .store import Store
+from .outbox import Outbox, Submitted, now_ms
+from .store import CATALOG_TABLE, Store
 
 __all__ = [
     "Applied",
     "ApplyMode",
     "ApplyStatus",
+    "BarcodeRow",
+    "DropRow",
+    "NextRow",
+    "NotStagedError",
     "Replica",
     "ShadowRow",
     "StagedPage",
@@ -90,23 +95,35 @@ ORDER BY c.scope <> 'global', c.key
 _BARCODES_OF = _BARCODE_SELECT.format(where="AND c.key IN (SELECT value FROM json_each(?))")
 _BARCODES_ALL = _BARCODE_SELECT.format(where="")
 
-_CLEAR_SHADOW = "DELETE FROM catalog_shadow"
+# Staging: one request at a time (catalog_staging names it); starting one clears what an
+# interrupted run left (each DELETE of a whole table is SQLite's truncate).
+_CLEAR_STAGED = tuple(
+    f"DELETE FROM {table}"
+    for table in (
+        "catalog_staging",
+        "catalog_shadow",
+        "catalog_next",
+        "item_barcodes_next",
+        "catalog_next_drops",
+    )
+)
+_BEGIN_STAGING = "INSERT INTO catalog_staging (request_id, mode, started_at) VALUES (?, ?, ?)"
+_STAGING = "SELECT request_id, mode FROM catalog_staging"
 _STAGE = """
 INSERT OR IGNORE INTO catalog_shadow
-    (request_id, page_no, idx, entity, key, scope, op, version, scope_seq, state, kept)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    (page_no, idx, entity, key, scope, op, version, scope_seq, state, kept)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-_SHADOW_COUNT = "SELECT COUNT(*) FROM catalog_shadow WHERE request_id = ?"
+_SHADOW_COUNT = "SELECT COUNT(*) FROM catalog_shadow"
 # Should a key come twice in one answer, only its latest change counts. Central's answers
 # have each key once, so the (index-only) check comes first and the delete rarely runs.
 _SHADOW_REPEATS = """
-SELECT 1 FROM catalog_shadow WHERE request_id = ?
-GROUP BY entity, key, scope HAVING COUNT(*) > 1 LIMIT 1
+SELECT 1 FROM catalog_shadow GROUP BY entity, key, scope HAVING COUNT(*) > 1 LIMIT 1
 """
 _SHADOW_DEDUPE = """
-DELETE FROM catalog_shadow AS s WHERE request_id = ? AND EXISTS (
-    SELECT 1 FROM catalog_shadow AS t WHERE t.request_id = s.request_id
-        AND t.entity = s.entity AND t.key = s.key AND t.scope = s.scope
+DELETE FROM catalog_shadow AS s WHERE EXISTS (
+    SELECT 1 FROM catalog_shadow AS t
+    WHERE t.entity = s.entity AND t.key = s.key AND t.scope = s.scope
         AND (t.scope_seq, t.page_no, t.idx) > (s.scope_seq, s.page_no, s.idx))
 """
 # What applying a delta will change (for the notifications), before applying it.
@@ -114,36 +131,68 @@ _SHADOW_EFFECTS = """
 SELECT s.entity, s.key, s.scope, s.op = 'upsert' AND s.kept = 1, s.version
 FROM catalog_shadow AS s LEFT JOIN catalog AS c
     ON c.entity = s.entity AND c.key = s.key AND c.scope = s.scope
-WHERE s.request_id = ? AND (c.scope_seq IS NULL OR s.scope_seq >= c.scope_seq)
+WHERE (c.scope_seq IS NULL OR s.scope_seq >= c.scope_seq)
     AND NOT ((s.op = 'delete' OR s.kept = 0) AND c.key IS NULL)
 ORDER BY s.page_no, s.idx
 """
 _SHADOW_DELETE = """
 DELETE FROM catalog WHERE EXISTS (
-    SELECT 1 FROM catalog_shadow AS s WHERE s.request_id = ? AND (s.op = 'delete' OR s.kept = 0)
+    SELECT 1 FROM catalog_shadow AS s WHERE (s.op = 'delete' OR s.kept = 0)
         AND s.entity = catalog.entity AND s.key = catalog.key AND s.scope = catalog.scope
         AND s.scope_seq >= catalog.scope_seq)
 """
 _SHADOW_UPSERT = """
 INSERT INTO catalog (entity, key, scope, version, scope_seq, state, local_edit)
 SELECT entity, key, scope, version, scope_seq, state, 0 FROM catalog_shadow
-WHERE request_id = ? AND op = 'upsert' AND kept = 1 ORDER BY page_no, idx
+WHERE op = 'upsert' AND kept = 1 ORDER BY page_no, idx
 ON CONFLICT (entity, key, scope) DO UPDATE SET version = excluded.version,
     scope_seq = excluded.scope_seq, state = excluded.state, local_edit = 0
 WHERE excluded.scope_seq >= catalog.scope_seq
 """
 _SHADOW_ITEM_KEYS = """
-SELECT json_group_array(DISTINCT key) FROM catalog_shadow WHERE request_id = ? AND entity = 'items'
+SELECT json_group_array(DISTINCT key) FROM catalog_shadow WHERE entity = 'items'
 """
-_REPLACE_DELETE = "DELETE FROM catalog WHERE entity IN (SELECT value FROM json_each(?))"
-# Every row is of one of ENTITIES: replacing them all empties the table (SQLite's truncate).
-_REPLACE_DELETE_ALL = "DELETE FROM catalog"
-_REPLACE_INSERT = """
-INSERT INTO catalog (entity, key, scope, version, scope_seq, state, local_edit)
-SELECT entity, key, scope, version, scope_seq, state, 0 FROM catalog_shadow
-WHERE request_id = ? AND op = 'upsert' AND kept = 1
-    AND entity IN (SELECT value FROM json_each(?))
-ORDER BY page_no, idx
+# A replace stages the next catalog itself: of a key staged twice, the latest change wins
+# (the greatest scope_seq, then the last staged), as the shadow's dedupe does.
+_NEXT_UPSERT = """
+INSERT INTO catalog_next (entity, key, scope, version, scope_seq, state, local_edit)
+VALUES (?, ?, ?, ?, ?, ?, 0)
+ON CONFLICT (entity, key, scope) DO UPDATE SET version = excluded.version,
+    scope_seq = excluded.scope_seq, state = excluded.state
+WHERE excluded.scope_seq >= catalog_next.scope_seq
+"""
+# The barcode of two items goes to the center's row, then to the greatest key (as
+# _BARCODE_SELECT's order does).
+_NEXT_BARCODE = """
+INSERT INTO item_barcodes_next (barcode, item_key, center) VALUES (?, ?, ?)
+ON CONFLICT (barcode) DO UPDATE SET item_key = excluded.item_key, center = excluded.center
+WHERE (excluded.center, excluded.item_key)
+    > (item_barcodes_next.center, item_barcodes_next.item_key)
+"""
+_NEXT_DROP = "INSERT INTO catalog_next_drops (entity, key, scope, scope_seq) VALUES (?, ?, ?, ?)"
+_NEXT_COUNT = "SELECT COUNT(*) FROM catalog_next"
+# Staged deletes (and rows filtered out by labels) of keys not staged as kept rows count
+# as received too; then they remove a kept row staged at the same or an older scope_seq.
+_NEXT_DROPS_ALONE = """
+SELECT COUNT(*) FROM (SELECT DISTINCT entity, key, scope FROM catalog_next_drops AS d
+    WHERE NOT EXISTS (SELECT 1 FROM catalog_next AS n
+        WHERE n.entity = d.entity AND n.key = d.key AND n.scope = d.scope))
+"""
+_NEXT_DROP_ROWS = """
+DELETE FROM catalog_next WHERE rowid IN (
+    SELECT n.rowid FROM catalog_next_drops AS d JOIN catalog_next AS n
+        ON n.entity = d.entity AND n.key = d.key AND n.scope = d.scope
+    WHERE d.scope_seq >= n.scope_seq)
+"""
+_NEXT_FOREIGN = "DELETE FROM catalog_next WHERE entity NOT IN (SELECT value FROM json_each(?))"
+_NEXT_KEEP_OTHERS = """
+INSERT INTO catalog_next (entity, key, scope, version, scope_seq, state, local_edit)
+SELECT entity, key, scope, version, scope_seq, state, local_edit FROM catalog
+WHERE entity NOT IN (SELECT value FROM json_each(?))
+"""
+_NEXT_ITEMS = "SELECT COUNT(*) FROM catalog_next WHERE entity = 'items'"
+_BARCODES_FROM_NEXT = """
+INSERT INTO item_barcodes (barcode, item_key) SELECT barcode, item_key FROM item_barcodes_next
 """
 
 
@@ -165,29 +214,75 @@ class Applied:
     """The cursors after the commit."""
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-"""One encoder for every state (``json.dumps`` builds a new one per call)."""
-
-
-ShadowRow = tuple[str, int, int, str, str, str, str, int, int, str | None, int]
-"""A ``catalog_shadow`` row: request_id, page_no, idx, entity, key, scope, op, version,
-scope_seq, state (JSON text, None for a delete), kept."""
+ShadowRow = tuple[int, int, str, str, str, str, int, int, str | None, int]
+"""A ``catalog_shadow`` row (a delta or update): page_no, idx, entity, key, scope, op,
+version, scope_seq, state (JSON text, None for a delete), kept."""
+NextRow = tuple[str, str, str, int, int, str]
+"""A ``catalog_next`` row (a replace): entity, key, scope, version, scope_seq, state."""
+DropRow = tuple[str, str, str, int]
+"""A ``catalog_next_drops`` row: entity, key, scope, scope_seq."""
+BarcodeRow = tuple[str, str, int]
+"""An ``item_barcodes_next`` row: barcode, item_key, center (1: the center's row)."""
 
 
 @dataclass(frozen=True)
 class StagedPage:
-    """One ``delta_page`` ready for the shadow."""
+    """One ``delta_page`` ready for staging: plain tuples of strings and integers (states as
+    JSON text), so that pages waiting to be staged cost the garbage collector next to
+    nothing, unlike the decoded models they come from."""
 
+    request_id: str
     page_no: int
     changes: int
     """Changes in the page, of every scope."""
     foreign: int
-    """Changes of scopes this register does not follow (left out of ``rows``)."""
-    rows: list[ShadowRow]
+    """Changes of scopes this register does not follow (left out of the rows)."""
+    rows: list[ShadowRow] = field(default_factory=list)
+    """A delta or update: the shadow's rows."""
+    next_rows: list[NextRow] = field(default_factory=list)
+    """A replace: the kept rows of the next catalog…"""
+    barcodes: list[BarcodeRow] = field(default_factory=list)
+    """… the barcodes of those items…"""
+    drops: list[DropRow] = field(default_factory=list)
+    """… and its deletes and rows filtered out by labels."""
+
+
+@dataclass
+class _Staging:
+    """The request being staged, as this process began it."""
+
+    request_id: str
+    mode: ApplyMode
+    next_rows: int = 0
+    """Rows written into ``catalog_next`` (a replace): equal to its count unless a key came
+    twice, in which case the staged barcodes are not trusted."""
+    drops: int = 0
+
+
+class NotStagedError(TillsyncError):
+    """Pages or an apply for a request that is not the one being staged."""
+
+    code = "not_staged"
 
 
 def _json(state: Mapping[str, CatalogValue] | None) -> str:
-    return _ENCODER.encode(state if isinstance(state, dict) else dict(state or {}))
+    """A state as the replica's JSON text: compact, non-ASCII as is (the same text as
+    ``json.dumps(state, ensure_ascii=False, separators=(",", ":"))``, which a property test
+    checks on every kind of catalog value, 4–5× faster)."""
+    return to_json(state if isinstance(state, dict) else dict(state or {})).decode()
+
+
+def _barcodes(state: Mapping[str, CatalogValue]) -> list[str]:
+    """An item's barcodes as ``json_each(state, '$.barcodes')`` with ``type = 'text'`` sees
+    them (what ``_BARCODE_SELECT`` indexes)."""
+    value = state.get("barcodes")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [b for b in value if isinstance(b, str)]
+    if isinstance(value, dict):
+        return [b for b in value.values() if isinstance(b, str)]
+    return []
 
 
 class Replica(CatalogReader):
@@ -207,6 +302,7 @@ class Replica(CatalogReader):
         self.labels = frozenset(labels)
         self.scopes = (GLOBAL_SCOPE, center_id)
         self.events = CatalogEvents(queue_size)
+        self._staging: _Staging | None = None
 
     async def close(self) -> None:
         self.events.close()
@@ -320,54 +416,108 @@ class Replica(CatalogReader):
 
     # -- deltas and reinits -------------------------------------------------------------
 
-    async def begin_staging(self) -> None:
-        """Clear the shadow (what an interrupted run left) before a new request."""
+    async def begin_staging(self, request_id: str, mode: ApplyMode = "delta") -> None:
+        """Clear what an interrupted run staged and stage ``request_id`` from now on: a
+        ``replace`` into the next catalog itself, a ``delta`` or ``update`` into the shadow."""
 
-        async def clear(db: aiosqlite.Connection) -> None:
-            await db.execute(_CLEAR_SHADOW)
+        def begin(db: sqlite3.Connection) -> None:
+            for statement in _CLEAR_STAGED:
+                db.execute(statement)
+            db.execute(_BEGIN_STAGING, (request_id, mode, now_ms()))
 
-        await self._store.write(clear)
+        self._staging = None
+        await self._write_in_thread(begin)
+        self._staging = _Staging(request_id, mode)
 
     async def stage(self, request_id: str, page: DeltaPageBody) -> int:
-        """Write one page into the shadow (a redelivered page changes nothing); returns the
-        number of changes of scopes this register does not follow (they are left out)."""
+        """Write one page of the request being staged (a redelivered page changes nothing);
+        returns the number of changes of scopes this register does not follow (they are
+        left out)."""
         staged = self.shadow_rows(request_id, page)
         await self.stage_rows([staged])
         return staged.foreign
 
     def shadow_rows(self, request_id: str, page: DeltaPageBody) -> StagedPage:
-        """A page as the rows :meth:`stage_rows` writes: plain tuples of strings and
-        integers (states as JSON text), so that pages waiting to be staged cost the
-        garbage collector next to nothing, unlike the decoded models they come from."""
+        """A page of the request being staged as the rows :meth:`stage_rows` writes."""
+        staging = self._staging_of(request_id)
         scopes = self.scopes
-        rows: list[ShadowRow] = [
-            (
-                request_id,
-                page.page_no,
-                idx,
-                c.entity,
-                c.key,
-                c.scope,
-                c.op,
-                c.version,
-                c.scope_seq,
-                None if c.op == "delete" else _json(c.state),
-                int(c.op == "delete" or self.keeps(c.entity, c.state)),
+        changes = [c for c in page.changes if c.scope in scopes]
+        foreign = len(page.changes) - len(changes)
+        filtering = bool(self.labels)
+        if staging.mode != "replace":
+            rows: list[ShadowRow] = [
+                (
+                    page.page_no,
+                    idx,
+                    c.entity,
+                    c.key,
+                    c.scope,
+                    c.op,
+                    c.version,
+                    c.scope_seq,
+                    None if c.op == "delete" else _json(c.state),
+                    int(c.op == "delete" or not filtering or self.keeps(c.entity, c.state)),
+                )
+                for idx, c in enumerate(changes)
+            ]
+            return StagedPage(request_id, page.page_no, len(page.changes), foreign, rows=rows)
+        next_rows: list[NextRow] = []
+        barcodes: list[BarcodeRow] = []
+        drops: list[DropRow] = []
+        for c in changes:
+            state = c.state
+            if c.op == "delete" or state is None or (filtering and not self.keeps(c.entity, state)):
+                drops.append((c.entity, c.key, c.scope, c.scope_seq))
+                continue
+            next_rows.append((c.entity, c.key, c.scope, c.version, c.scope_seq, _json(state)))
+            if c.entity == "items":
+                center = int(c.scope != GLOBAL_SCOPE)
+                barcodes.extend((barcode, c.key, center) for barcode in _barcodes(state))
+        return StagedPage(
+            request_id,
+            page.page_no,
+            len(page.changes),
+            foreign,
+            next_rows=next_rows,
+            barcodes=barcodes,
+            drops=drops,
+        )
+
+    def _staging_of(self, request_id: str) -> _Staging:
+        staging = self._staging
+        if staging is None or staging.request_id != request_id:
+            raise NotStagedError(
+                f"request {request_id!r} is not the one being staged "
+                f"({'none' if staging is None else repr(staging.request_id)})",
+                field="request_id",
             )
-            for idx, c in enumerate(page.changes)
-            if c.scope in scopes
-        ]
-        return StagedPage(page.page_no, len(page.changes), len(page.changes) - len(rows), rows)
+        return staging
 
     async def stage_rows(self, pages: Sequence[StagedPage]) -> None:
-        """Write pages (from :meth:`shadow_rows`) into the shadow in one transaction: one
-        commit for pages that arrived together, however far they ran ahead of staging."""
+        """Write pages (from :meth:`shadow_rows`) in one transaction: one commit for pages
+        that arrived together, however far they ran ahead of staging."""
+        if not pages:
+            return
+        staging = self._staging_of(pages[0].request_id)
+        for page in pages:
+            self._staging_of(page.request_id)
 
         def insert(db: sqlite3.Connection) -> None:
             for page in pages:
-                db.executemany(_STAGE, page.rows)
+                if page.rows:
+                    db.executemany(_STAGE, page.rows)
+                if page.next_rows:
+                    db.executemany(_NEXT_UPSERT, page.next_rows)
+                if page.barcodes:
+                    db.executemany(_NEXT_BARCODE, page.barcodes)
+                if page.drops:
+                    db.executemany(_NEXT_DROP, page.drops)
 
-        await self._write_in_thread(insert)
+        def counted(_: None) -> None:
+            staging.next_rows += sum(len(page.next_rows) for page in pages)
+            staging.drops += sum(len(page.drops) for page in pages)
+
+        await self._write_in_thread(insert, counted)
 
     async def apply_staged(
         self,
@@ -380,40 +530,57 @@ class Replica(CatalogReader):
         """Apply the staged answer to ``request_id`` and move the cursors, in one transaction.
 
         ``delta`` and ``update`` upsert and delete row by row (never rolling a row back);
-        ``replace`` deletes every row of ``entities`` and inserts the staged ones. Cursors
-        are set from ``cursors`` (None: they stay, as after a partial sync).
+        ``replace`` makes the staged next catalog the catalog, keeping only the rows of the
+        entities it does not replace. Cursors are set from ``cursors`` (None: they stay, as
+        after a partial sync). Raises ``not_staged`` if ``request_id`` is not what is staged,
+        or was staged for a replace and is applied as a delta or update, or the reverse.
         """
+        staging = self._staging
+        replacing = mode == "replace"
 
         async def work(db: aiosqlite.Connection) -> tuple[Applied, list[CatalogEvent]]:
-            async with db.execute(_SHADOW_REPEATS, (request_id,)) as cursor:
-                repeats = await cursor.fetchone() is not None
-            if repeats:
-                await db.execute(_SHADOW_DEDUPE, (request_id,))
-            async with db.execute(_SHADOW_COUNT, (request_id,)) as cursor:
+            async with db.execute(_STAGING) as cursor:
                 row = await cursor.fetchone()
-            received = 0 if row is None else int(row[0])
-            if mode == "replace":
-                applied, events = await self._swap(db, request_id, sorted(entities))
+            # A delta and an update are staged alike (the shadow), a replace is not.
+            if row is None or row[0] != request_id or (row[1] == "replace") != replacing:
+                staged = "nothing" if row is None else f"request {row[0]!r} ({row[1]})"
+                raise NotStagedError(
+                    f"cannot apply request {request_id!r} ({mode}): {staged} is staged",
+                    field="request_id",
+                )
+            if replacing:
+                known = staging if staging and staging.request_id == request_id else None
+                received, applied, events = await self._swap(db, sorted(entities), known)
             else:
-                applied, events = await self._merge(db, request_id, mode)
+                async with db.execute(_SHADOW_REPEATS) as cursor:
+                    repeats = await cursor.fetchone() is not None
+                if repeats:
+                    await db.execute(_SHADOW_DEDUPE)
+                async with db.execute(_SHADOW_COUNT) as cursor:
+                    counted = await cursor.fetchone()
+                received = 0 if counted is None else int(counted[0])
+                applied, events = await self._merge(db, mode)
             new_cursors = dict(await self._cursors(db))
             for scope, seq in (cursors or {}).items():
                 if scope in self.scopes:
                     await db.execute(_SET_CURSOR, (scope, seq))
                     new_cursors[scope] = seq
-            # Only this request's rows are staged (one sync at a time; each starts with an
-            # empty shadow): emptying the whole table is SQLite's truncate, not a row scan.
-            await db.execute(_CLEAR_SHADOW)
+            for statement in _CLEAR_STAGED:
+                await db.execute(statement)
             return Applied(received, applied, new_cursors), events
 
-        result, _ = await self._store.write(work, after=lambda r: self.events.publish(r[1]))
+        def done(result: tuple[Applied, list[CatalogEvent]]) -> None:
+            self._staging = None
+            self.events.publish(result[1])
+
+        result, _ = await self._store.write(work, after=done)
         return result
 
     async def _merge(
-        self, db: aiosqlite.Connection, request_id: str, mode: ApplyMode
+        self, db: aiosqlite.Connection, mode: ApplyMode
     ) -> tuple[int, list[CatalogEvent]]:
         source: EventSource = "delta" if mode == "delta" else "reinit"
-        async with db.execute(_SHADOW_EFFECTS, (request_id,)) as cursor:
+        async with db.execute(_SHADOW_EFFECTS) as cursor:
             events = [
                 CatalogEvent(
                     str(entity),
@@ -425,9 +592,9 @@ class Replica(CatalogReader):
                 )
                 for entity, key, scope, upsert, version in await cursor.fetchall()
             ]
-        await db.execute(_SHADOW_DELETE, (request_id,))
-        await db.execute(_SHADOW_UPSERT, (request_id,))
-        async with db.execute(_SHADOW_ITEM_KEYS, (request_id,)) as cursor:
+        await db.execute(_SHADOW_DELETE)
+        await db.execute(_SHADOW_UPSERT)
+        async with db.execute(_SHADOW_ITEM_KEYS) as cursor:
             row = await cursor.fetchone()
         item_keys = json.loads(row[0]) if row is not None and row[0] else []
         if item_keys:
@@ -435,19 +602,34 @@ class Replica(CatalogReader):
         return len(events), events
 
     async def _swap(
-        self, db: aiosqlite.Connection, request_id: str, entities: list[str]
-    ) -> tuple[int, list[CatalogEvent]]:
-        if set(entities) >= set(ENTITIES):
-            await db.execute(_REPLACE_DELETE_ALL)
-        else:
-            await db.execute(_REPLACE_DELETE, (json.dumps(entities),))
-        cursor = await db.execute(_REPLACE_INSERT, (request_id, json.dumps(entities)))
-        inserted = max(cursor.rowcount, 0)
+        self, db: aiosqlite.Connection, entities: list[str], staging: _Staging | None
+    ) -> tuple[int, int, list[CatalogEvent]]:
+        """The staged next catalog becomes the catalog (DROP, then RENAME: no row is copied
+        but the rows of entities not replaced); returns received, applied and the events.
+        ``staging`` is this process's record of the staging (None: not known here)."""
+        chosen = json.dumps(entities)
+        received = staged = await _count(db, _NEXT_COUNT)
+        drops = staging is None or staging.drops > 0
+        if drops:
+            received += await _count(db, _NEXT_DROPS_ALONE)
+            await db.execute(_NEXT_DROP_ROWS)
+        everything = set(entities) >= set(ENTITIES)
+        if not everything:
+            await db.execute(_NEXT_FOREIGN, (chosen,))
+        inserted = await _count(db, _NEXT_COUNT)
+        if not everything:
+            await db.execute(_NEXT_KEEP_OTHERS, (chosen,))
+        await db.execute("DROP TABLE catalog")
+        await db.execute("ALTER TABLE catalog_next RENAME TO catalog")
+        await db.execute(CATALOG_TABLE.format(name="catalog_next"))
         if "items" in entities:
             await db.execute("DELETE FROM item_barcodes")
-            await db.execute(_BARCODES_ALL)
+            # The staged barcodes are those of the catalog's items unless a key came twice
+            # or a staged row was dropped: then they are rebuilt from the items' states.
+            exact = not drops and staging is not None and staging.next_rows == staged
+            await db.execute(_BARCODES_FROM_NEXT if exact else _BARCODES_ALL)
         events = [CatalogEvent(e, None, "*", "reload", None, "reinit") for e in entities]
-        return inserted, events
+        return received, inserted, events
 
     async def _cursors(self, db: aiosqlite.Connection) -> dict[str, int]:
         async with db.execute("SELECT scope, seq FROM catalog_cursors") as cursor:
@@ -488,6 +670,12 @@ class Replica(CatalogReader):
         submitted = await outbox.submit_with("item_edit", body, write)
         self.events.publish(events)
         return submitted
+
+
+async def _count(db: aiosqlite.Connection, query: str) -> int:
+    async with db.execute(query) as cursor:
+        row = await cursor.fetchone()
+    return 0 if row is None else int(row[0])
 
 
 async def _sync_barcodes(db: aiosqlite.Connection, item_keys: list[str]) -> None:
