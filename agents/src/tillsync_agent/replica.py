@@ -269,7 +269,7 @@ def _json(state: Mapping[str, CatalogValue] | None) -> str:
     """A state as the replica's JSON text: compact, non-ASCII as is (the same text as
     ``json.dumps(state, ensure_ascii=False, separators=(",", ":"))``, which a property test
     checks on every kind of catalog value, 4–5× faster)."""
-    return to_json(state if isinstance(state, dict) else dict(state or {})).decode()
+    return to_json(state if type(state) is dict else dict(state or {})).decode()
 
 
 def _barcodes(state: Mapping[str, CatalogValue]) -> list[str]:
@@ -464,15 +464,20 @@ class Replica(CatalogReader):
         next_rows: list[NextRow] = []
         barcodes: list[BarcodeRow] = []
         drops: list[DropRow] = []
+        keeps = self.keeps
         for c in changes:
-            state = c.state
-            if c.op == "delete" or state is None or (filtering and not self.keeps(c.entity, state)):
-                drops.append((c.entity, c.key, c.scope, c.scope_seq))
+            entity, key, scope, state = c.entity, c.key, c.scope, c.state
+            if c.op == "delete" or state is None or (filtering and not keeps(entity, state)):
+                drops.append((entity, key, scope, c.scope_seq))
                 continue
-            next_rows.append((c.entity, c.key, c.scope, c.version, c.scope_seq, _json(state)))
-            if c.entity == "items":
-                center = int(c.scope != GLOBAL_SCOPE)
-                barcodes.extend((barcode, c.key, center) for barcode in _barcodes(state))
+            next_rows.append((entity, key, scope, c.version, c.scope_seq, _json(state)))
+            if entity == "items":
+                center = int(scope != GLOBAL_SCOPE)
+                found = state.get("barcodes")
+                if type(found) is list and all(type(b) is str for b in found):
+                    barcodes.extend([(barcode, key, center) for barcode in found])
+                elif found is not None:
+                    barcodes.extend([(barcode, key, center) for barcode in _barcodes(state)])
         return StagedPage(
             request_id,
             page.page_no,
