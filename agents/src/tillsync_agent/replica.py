@@ -474,8 +474,8 @@ class Replica(CatalogReader):
             if entity == "items":
                 center = int(scope != GLOBAL_SCOPE)
                 found = state.get("barcodes")
-                if type(found) is list and all(type(b) is str for b in found):
-                    barcodes.extend([(barcode, key, center) for barcode in found])
+                if type(found) is list:
+                    barcodes.extend([(b, key, center) for b in found if type(b) is str])
                 elif found is not None:
                     barcodes.extend([(barcode, key, center) for barcode in _barcodes(state)])
         return StagedPage(
