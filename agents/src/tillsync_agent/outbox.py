@@ -12,6 +12,7 @@ its own result or its own error.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -32,7 +33,7 @@ from tillsync_protocol import (
     validate,
 )
 
-from .store import Store, rollback
+from .store import Store, rollback, transaction
 
 __all__ = ["Counts", "Outbox", "OutboxRow", "Submitted", "now_ms"]
 
@@ -272,7 +273,6 @@ class Outbox:
         return submitted
 
     async def _write(self, batch: Sequence[_Request]) -> None:
-        db = self._store.db
         counts = self._counts
         seq = counts.last_seq
         rows: list[tuple[Any, ...]] = []
@@ -300,22 +300,27 @@ class Outbox:
             accepted.append((request, Submitted(seq, document.doc_id, document.type)))
         if not rows:
             return
-        try:
-            await db.execute("BEGIN IMMEDIATE")
-            await db.executemany(_INSERT, rows)
+        last_seq = seq
+
+        def work(db: sqlite3.Connection) -> None:
+            db.executemany(_INSERT, rows)
             # A shift close triggers a check of the whole shift: resend what is still open.
             for shift_no in shifts_closed:
-                await db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
-            await db.execute(_SET_COUNTER, (seq, "last_seq"))
-            await db.execute(_ADD_COUNTER, (len(rows), "pending"))
-            await db.execute("COMMIT")
+                db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
+            db.execute(_SET_COUNTER, (last_seq, "last_seq"))
+            db.execute(_ADD_COUNTER, (len(rows), "pending"))
+
+        try:
+            # One hop to the SQLite thread for the whole transaction (see Store.in_thread).
+            await self._store.in_thread(lambda db: transaction(db, work))
         except BaseException as exc:
-            await rollback(db)
             for request, _ in accepted:
                 if not request.future.done():
                     request.future.set_exception(exc)
             raise
-        self._counts = Counts(seq, counts.pending + len(rows), counts.acknowledged, counts.rejected)
+        self._counts = Counts(
+            last_seq, counts.pending + len(rows), counts.acknowledged, counts.rejected
+        )
         for request, submitted in accepted:
             request.future.set_result(submitted)
         self.changed.set()
@@ -341,14 +346,12 @@ class Outbox:
 
     async def due(self, limit: int, now: int | None = None) -> list[OutboxRow]:
         """Rows to publish now, in seq order."""
-        async with self._store.db.execute(
-            _DUE, (now_ms() if now is None else now, limit)
-        ) as cursor:
-            return [OutboxRow(*row) for row in await cursor.fetchall()]
+        at = now_ms() if now is None else now
+        rows = await self._store.in_thread(lambda db: db.execute(_DUE, (at, limit)).fetchall())
+        return [OutboxRow(*row) for row in rows]
 
     async def next_due_at(self) -> int | None:
-        async with self._store.db.execute(_NEXT_DUE) as cursor:
-            row = await cursor.fetchone()
+        row = await self._store.in_thread(lambda db: db.execute(_NEXT_DUE).fetchone())
         return None if row is None else row[0]
 
     async def mark_published(
@@ -407,17 +410,16 @@ class Outbox:
 
     async def _apply_acks(self, acks: Sequence[AckBody]) -> list[tuple[int, int]]:
         now = now_ms()
-        db = self._store.db
-        results: list[tuple[int, int]] = []
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+
+        def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
+            results: list[tuple[int, int]] = []
             for ack in acks:
                 acked_one = rejected_one = 0
                 for seq_range in ack.accepted:
-                    cursor = await db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
+                    cursor = db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
                     acked_one += cursor.rowcount
                 for rejection in ack.rejected:
-                    cursor = await db.execute(
+                    cursor = db.execute(
                         _REJECT,
                         (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
                     )
@@ -425,13 +427,14 @@ class Outbox:
                 results.append((acked_one, rejected_one))
             acked = sum(a for a, _ in results)
             rejected = sum(r for _, r in results)
-            await db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
-            await db.execute(_ADD_COUNTER, (acked, "acknowledged"))
-            await db.execute(_ADD_COUNTER, (rejected, "rejected"))
-            await db.execute("COMMIT")
-        except BaseException:
-            await rollback(db)
-            raise
+            db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
+            db.execute(_ADD_COUNTER, (acked, "acknowledged"))
+            db.execute(_ADD_COUNTER, (rejected, "rejected"))
+            return results
+
+        results = await self._store.in_thread(lambda db: transaction(db, work))
+        acked = sum(a for a, _ in results)
+        rejected = sum(r for _, r in results)
         c = self._counts
         self._counts = Counts(
             c.last_seq,
@@ -477,12 +480,8 @@ class Outbox:
         await self._exclusive(lambda: self._run(statements))
 
     async def _run(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
-        db = self._store.db
-        try:
-            await db.execute("BEGIN IMMEDIATE")
+        def work(db: sqlite3.Connection) -> None:
             for sql, params in statements:
-                await db.executemany(sql, params)
-            await db.execute("COMMIT")
-        except BaseException:
-            await rollback(db)
-            raise
+                db.executemany(sql, params)
+
+        await self._store.in_thread(lambda db: transaction(db, work))

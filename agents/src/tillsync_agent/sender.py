@@ -41,6 +41,7 @@ class Sender:
         self._settings = settings
         self._outbox = outbox
         self._retry = Backoff(settings.retry_base_s, settings.retry_cap_s)
+        self._user_id = settings.broker_user  # parses the URL: once, not per publish
         self.stats = SendStats()
 
     async def serve(
@@ -113,7 +114,7 @@ class Sender:
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             message_id=row.doc_id,
-            user_id=self._settings.broker_user,
+            user_id=self._user_id,
             type=row.doc_type,
             app_id="tillsync-agent",
         )
