@@ -122,10 +122,20 @@ async def test_documents_of_two_registers_are_stored_once_and_acked_to_each(
                 assert shift_row["payments"] == [
                     {"method_id": "cash", "count": receipts, "amount": receipts * 2500}
                 ]
-                state = await conn.fetchrow(
-                    "SELECT * FROM register_state WHERE register_id = $1", till.register_id
-                )
-                assert (state["contiguous_seq"], state["last_seq"]) == (last, last)
+
+                # Moved on right after the acks are published: a moment after they arrive.
+                async def state_caught_up(
+                    register_id: str = till.register_id, last: int = last
+                ) -> bool:
+                    state = await conn.fetchrow(
+                        "SELECT * FROM register_state WHERE register_id = $1", register_id
+                    )
+                    return state is not None and (
+                        state["contiguous_seq"],
+                        state["last_seq"],
+                    ) == (last, last)
+
+                await until(state_caught_up, timeout=10)
     assert await _count(pool, "SELECT count(*) FROM documents") == 2 * (receipts + 2)
     assert await _count(pool, "SELECT count(*) FROM dead_letters") == 0
     assert ingest.stats.stored == 2 * (receipts + 2)

@@ -67,12 +67,17 @@ async def _assert_exactly_once(pool: asyncpg.Pool, tills: list[Till], count: int
             pool, "SELECT count(*) FROM receipts WHERE register_id = $1", till.register_id
         )
         assert receipts == count
-        contiguous = await _scalar(
-            pool,
-            "SELECT contiguous_seq FROM register_state WHERE register_id = $1",
-            till.register_id,
-        )
-        assert contiguous == count
+
+        # register_state moves on right after the acks are published: poll for it.
+        async def caught_up(register_id: str = till.register_id) -> bool:
+            contiguous = await _scalar(
+                pool,
+                "SELECT contiguous_seq FROM register_state WHERE register_id = $1",
+                register_id,
+            )
+            return bool(contiguous == count)
+
+        await until(caught_up, timeout=30)
     assert await _scalar(pool, "SELECT count(*) FROM documents") == count * len(tills)
     assert await _scalar(pool, "SELECT count(*) FROM conflicts") == 0
     assert await _scalar(pool, "SELECT count(*) FROM dead_letters") == 0

@@ -8,7 +8,8 @@ Per batch (:class:`IngestWorker`, any number competing on the quorum queue):
    if PostgreSQL is unreachable the batch is kept and retried with capped backoff, never
    acknowledged and never dropped;
 3. after COMMIT, publish one ack per register (publisher confirms, with a timeout);
-4. then ``basic.ack`` the batch.
+4. move ``register_state`` on (a summary: best effort, never durable at COMMIT);
+5. then ``basic.ack`` the batch.
 
 A crash between any two steps leaves the batch unacknowledged: the broker redelivers
 it, step 2 finds duplicates, and step 3 acknowledges them again.
@@ -36,7 +37,7 @@ from .consumer import BatchConsumer, Session
 from .dead_letters import DeadLetter, insert_dead_letters, json_safe
 from .intake import Delivery, inspect
 from .settings import CentralSettings
-from .store import BatchResult, is_transient, store
+from .store import BatchResult, advance_state, is_transient, store
 
 __all__ = ["DeadLetterWorker", "IngestStats", "IngestWorker", "delivery_of"]
 
@@ -144,7 +145,7 @@ class IngestWorker(BatchConsumer):
         inspected = time.perf_counter()
         while True:
             try:
-                result = await store(self._pool, inspections)
+                result = await store(self._pool, inspections, advance=False)
                 break
             except Exception as exc:
                 if not await self._retry.failed(exc, session, len(batch)):
@@ -156,6 +157,8 @@ class IngestWorker(BatchConsumer):
         )
         await self._publish_acks(exchange, result)
         acked = time.perf_counter()
+        # A summary off the documents' way back: the registers have their acks already.
+        await advance_state(self._pool, result.stored_through)
         self.stats.batch_seconds.observe(acked - started)
         timings = {
             "inspect_ms": round((inspected - started) * 1000, 2),

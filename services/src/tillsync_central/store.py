@@ -6,9 +6,11 @@ NOTHING`` (array parameters and ``unnest``: one statement per table, whatever th
 size); classify what was not inserted by comparing content hashes (same bytes: a
 duplicate, acknowledged again; different bytes: a conflict, recorded and rejected, the
 stored document untouched); fill the typed tables (receipts, shifts) for what was new;
-keep refused deliveries as dead letters; advance ``register_state``; apply the new
-``item_edit`` documents to the catalog (:mod:`tillsync_central.item_edits`), rejecting
-those that lost (``edit_conflict``) now and on every redelivery.
+keep refused deliveries as dead letters; apply the new ``item_edit`` documents to the
+catalog (:mod:`tillsync_central.item_edits`), rejecting those that lost
+(``edit_conflict``) now and on every redelivery. After the transaction,
+``register_state`` is moved on (:func:`advance_state`): by :func:`store` itself, or by
+the ingest worker once its acks are published.
 
 The result says, per register, which seqs to acknowledge and which to reject; nothing is
 acknowledged before the transaction commits (the worker publishes after :func:`store`).
@@ -44,7 +46,7 @@ from .dead_letters import Conn, DeadLetter, insert_dead_letters
 from .intake import Inspection, RegisterRow, attribute, check_register, register_of_user
 from .item_edits import apply_item_edits, previous_refusals
 
-__all__ = ["BatchResult", "is_transient", "store"]
+__all__ = ["BatchResult", "advance_state", "is_transient", "store"]
 
 log = structlog.get_logger(__name__)
 
@@ -157,14 +159,25 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, asyncpg.InterfaceError, TimeoutError))
 
 
-async def store(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
-    """Apply a batch in one transaction.
+async def store(
+    pool: asyncpg.Pool, inspections: Sequence[Inspection], *, advance: bool = True
+) -> BatchResult:
+    """Apply a batch in one transaction; then, unless ``advance`` is False, move
+    ``register_state`` on (:func:`advance_state`; ingest does it after publishing its
+    acks, off the documents' way back).
 
     Raises what :func:`is_transient` calls transient (the caller retries the whole batch;
     the transaction was rolled back, or committed, which a retry finds as duplicates). If
     the batch fails for another reason, each delivery is applied alone, and one that still
     fails becomes a dead letter with code ``store_failed``: bad input never blocks the rest.
     """
+    result = await _store(pool, inspections)
+    if advance:
+        await advance_state(pool, result.stored_through)
+    return result
+
+
+async def _store(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
     try:
         return await _apply(pool, inspections)
     except Exception as exc:
@@ -175,34 +188,57 @@ async def store(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchR
         log.warning("batch failed, applying its deliveries one by one", error=repr(exc))
     result = BatchResult()
     for inspection in inspections:
-        result.merge(await store(pool, [inspection]))
+        result.merge(await _store(pool, [inspection]))
     return result
+
+
+async def advance_state(pool: asyncpg.Pool, stored_through: dict[str, int]) -> None:
+    """Move ``register_state`` on after a batch: in a short transaction of its own,
+    never durable at COMMIT, and never failing the caller.
+
+    Not in the batch's transaction: every batch names every busy register, so the
+    workers would queue on these rows from there to their COMMIT, fsync included, and
+    batches would commit one at a time. Not durable (``synchronous_commit`` off) and
+    allowed to fail: the row is a summary of ``documents`` that only ever moves forward,
+    and one left behind (by a crash, or a failure here, which is logged) is moved on by
+    the register's next batch and by the reconciler; the documents themselves were
+    committed durably before this.
+    """
+    if not stored_through:
+        return
+    registers = sorted(stored_through)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(_NOT_DURABLE)  # one round trip for both, no parameters
+            try:
+                await conn.execute(
+                    _ADVANCE_STATE, registers, [stored_through[r] for r in registers]
+                )
+                await conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.execute("ROLLBACK")
+                raise
+    except Exception as exc:
+        log.warning("register_state not advanced", registers=registers, error=repr(exc))
 
 
 async def _apply(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
     result = BatchResult()
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            registers = await _registers(conn, inspections)
-            valid: list[_Valid] = []
-            letters: list[DeadLetter] = []
-            for inspection in inspections:
-                error = check_register(inspection, registers)
-                if error is None and inspection.document is not None:
-                    digest = hashlib.sha256(inspection.delivery.body).digest()
-                    valid.append(_Valid(inspection, inspection.document, digest))
-                else:
-                    error = error or TillsyncError("refused", code="refused")
-                    letters.append(_refuse(result, inspection, error, registers))
-            await _store_documents(conn, valid, result)
-            await insert_dead_letters(conn, letters)
-        try:
-            await _advance_state(conn, result.stored_through)
-        except Exception as exc:
-            if is_transient(exc):
-                raise  # the batch is retried: its repeats move the state on
-            # The documents are committed: never let the summary turn them into dead letters.
-            log.warning("register_state not advanced", error=repr(exc))
+    async with pool.acquire() as conn, conn.transaction():
+        registers = await _registers(conn, inspections)
+        valid: list[_Valid] = []
+        letters: list[DeadLetter] = []
+        for inspection in inspections:
+            error = check_register(inspection, registers)
+            if error is None and inspection.document is not None:
+                digest = hashlib.sha256(inspection.delivery.body).digest()
+                valid.append(_Valid(inspection, inspection.document, digest))
+            else:
+                error = error or TillsyncError("refused", code="refused")
+                letters.append(_refuse(result, inspection, error, registers))
+        await _store_documents(conn, valid, result)
+        await insert_dead_letters(conn, letters)
     return result
 
 
@@ -401,29 +437,6 @@ async def _record_conflicts(
         [item.content_hash for _, item, _ in conflicts],
         [item.inspection.delivery.body for _, item, _ in conflicts],
     )
-
-
-async def _advance_state(conn: Conn, stored_through: dict[str, int]) -> None:
-    """Move ``register_state`` on, in a short transaction of its own after the batch's.
-
-    Not in the batch's transaction: every batch names every busy register, so the
-    workers would queue on these rows from there to their COMMIT, fsync included, and
-    batches would commit one at a time. Nor durable at COMMIT (``synchronous_commit``
-    off): the row is a summary of ``documents`` that only ever moves forward, and one
-    left behind by a crash is moved on by the register's next batch (and by the
-    reconciler); the documents themselves were committed durably before this.
-    """
-    if not stored_through:
-        return
-    registers = sorted(stored_through)
-    await conn.execute(_NOT_DURABLE)  # one round trip for both, no parameters
-    try:
-        await conn.execute(_ADVANCE_STATE, registers, [stored_through[r] for r in registers])
-        await conn.execute("COMMIT")
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await conn.execute("ROLLBACK")
-        raise
 
 
 async def _store_failed(
