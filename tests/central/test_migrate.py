@@ -52,6 +52,7 @@ TABLES = {
     # 0005_reconcile
     "seq_holes",
     "shift_reconciliations",
+    # 0006_shift_checks adds a column and an index only
 }
 ALL = [migration.name for migration in load_migrations()]
 """Every migration of the package, in order: a new file needs no edit here (TABLES does)."""
@@ -317,3 +318,58 @@ async def test_cli_reports_errors_with_code_field_and_reason(empty_database: str
     assert code == 1
     assert "code=database_unavailable field=database_url" in err
     assert "not-the-password" not in err
+
+
+async def test_0006_marks_the_shifts_with_a_final_verdict_as_checked(
+    empty_database: str, migrations_copy: Path
+) -> None:
+    """A database reconciled before 0006: its final verdicts leave the unchecked index,
+    its waiting shifts stay in it."""
+    later = _move(migrations_copy, migrations_copy.parent / "later", "0006_*.sql")
+    await migrate(empty_database, migrations_copy)
+    conn = await asyncpg.connect(empty_database, timeout=10)
+    try:
+        await conn.execute("INSERT INTO centers (center_id, name) VALUES ('c1', 'c1')")
+        await conn.execute(
+            "INSERT INTO registers (register_id, center_id, broker_user)"
+            " VALUES ('r1', 'c1', 'reg-r1')"
+        )
+        for shift_no, status in ((1, "ok"), (2, "mismatch"), (3, "waiting"), (4, None)):
+            # closed_seq names a stored document (the shift_close).
+            await conn.execute(
+                "INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type,"
+                " created_at, payload, payload_json, content_hash)"
+                " VALUES ('r1', $1, gen_random_uuid(), 'c1', 'shift_close', now(), '',"
+                " '{}', sha256(''::bytea))",
+                shift_no,
+            )
+            await conn.execute(
+                "INSERT INTO shifts (register_id, shift_no, center_id, currency, closed_seq,"
+                " closed_at) VALUES ('r1', $1, 'c1', 'EUR', $1, now())",
+                shift_no,
+            )
+            if status is not None:
+                await conn.execute(
+                    "INSERT INTO shift_reconciliations (register_id, shift_no, status)"
+                    " VALUES ('r1', $1, $2)",
+                    shift_no,
+                    status,
+                )
+        _move(later, migrations_copy, "*.sql")
+        assert await migrate(conn, migrations_copy) == ["0006_shift_checks"]
+        rows = await conn.fetch("SELECT shift_no, z_checked FROM shifts ORDER BY shift_no")
+        assert [(r["shift_no"], r["z_checked"]) for r in rows] == [
+            (1, True),
+            (2, True),
+            (3, False),
+            (4, False),
+        ]
+    finally:
+        await conn.close()
+
+
+def _move(source: Path, target: Path, pattern: str) -> Path:
+    target.mkdir(exist_ok=True)
+    for path in sorted(source.glob(pattern)):
+        path.rename(target / path.name)
+    return target

@@ -241,6 +241,10 @@ async def test_z_reports_are_checked_once_their_range_is_complete(
             if till is good:
                 result = await _pass(pool, None, grace=60)
                 assert (result.shifts_waiting, result.shifts_ok) == (1, 0)
+                # Waiting is not a verdict: the shift stays among those to check.
+                assert not await pool.fetchval(
+                    "SELECT z_checked FROM shifts WHERE register_id = $1", till.register_id
+                )
             await till.publish_documents([d for d in docs if d["seq"] == 3])
             await till.wait_for([3])
 
@@ -270,6 +274,11 @@ async def test_z_reports_are_checked_once_their_range_is_complete(
         Difference("payments[card].count", 3, 2),
         Difference("receipt_count", 4, 3),
     ]
-    # Final: another pass neither re-checks nor changes them.
+    # Final: out of the unchecked index, and another pass neither re-checks nor changes them.
+    checked = await pool.fetch(
+        "SELECT z_checked FROM shifts WHERE register_id = ANY($1::text[])",
+        [good.register_id, bad.register_id],
+    )
+    assert [r["z_checked"] for r in checked] == [True, True]
     result = await _pass(pool, None, grace=60)
     assert (result.shifts_ok, result.shifts_mismatch, result.shifts_waiting) == (0, 0, 0)

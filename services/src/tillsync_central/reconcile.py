@@ -120,10 +120,14 @@ SELECT s.register_id, s.shift_no, s.first_seq, s.last_seq, s.receipt_count, s.re
 FROM shifts s
 JOIN register_state st USING (register_id)
 LEFT JOIN shift_reconciliations r USING (register_id, shift_no)
-WHERE s.closed_seq IS NOT NULL AND (r.status IS NULL OR r.status = 'waiting')
-ORDER BY s.closed_at
+WHERE s.closed_seq IS NOT NULL AND NOT s.z_checked
+ORDER BY r.checked_at NULLS FIRST, s.closed_at
 LIMIT $1
 """
+# Unchecked shifts come from the partial index shifts_unchecked_idx (migration 0006), not
+# from an anti-join over every closed shift; never-checked ones first, then the least
+# recently checked, so shifts waiting for long (a register with a hole) cannot starve
+# newer ones.
 
 _RECEIPT_TOTALS = """
 SELECT kind, count(*) AS n, coalesce(sum(total), 0)::bigint AS total
@@ -147,12 +151,20 @@ WHERE r.register_id = $1 AND r.shift_no = $2 AND r.kind = 'receipt'
 GROUP BY 1
 """
 
+# A final verdict ('ok', 'mismatch') takes the shift out of the unchecked index.
 _SAVE_SHIFT = """
-INSERT INTO shift_reconciliations (register_id, shift_no, status, differences)
-VALUES ($1, $2, $3, $4::jsonb)
-ON CONFLICT (register_id, shift_no)
-DO UPDATE SET status = EXCLUDED.status, differences = EXCLUDED.differences,
-              checked_at = now()
+WITH saved AS (
+    INSERT INTO shift_reconciliations (register_id, shift_no, status, differences)
+    VALUES ($1, $2, $3, $4::jsonb)
+    ON CONFLICT (register_id, shift_no)
+    DO UPDATE SET status = EXCLUDED.status, differences = EXCLUDED.differences,
+                  checked_at = now()
+    RETURNING register_id, shift_no, status
+)
+UPDATE shifts s SET z_checked = true
+FROM saved
+WHERE saved.status <> 'waiting'
+  AND s.register_id = saved.register_id AND s.shift_no = saved.shift_no
 """
 
 
