@@ -19,11 +19,12 @@ from tillsync_central.admin import AdminServer, add_operator
 from tillsync_central.admin.auth import Endpoint
 from tillsync_central.admin.endpoints import ENDPOINTS
 from tillsync_central.admin.operators import role_allows
+from tillsync_central.admin.pages import LOGIN_CSRF_FIELD
 from tillsync_central.admin.sessions import COOKIE_NAME, csrf_token
 from tillsync_central.admin.throttle import LoginThrottle
 from tillsync_central.settings import CentralSettings
 
-from .admin_clients import PASSWORD, Clients, login
+from .admin_clients import PASSWORD, Clients, form_login, login
 
 WRITES = [e for e in ENDPOINTS if e.writes]
 GUARDED = [e for e in ENDPOINTS if e.role is not None]
@@ -133,9 +134,7 @@ async def test_cookie_sessions_need_the_csrf_token_for_writes(
     admin: AdminServer, clients: Clients, pool: asyncpg.Pool
 ) -> None:
     async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
-        page = await browser.post(
-            "/login", data={"username": "op-supervisor", "password": PASSWORD, "next": "/fleet"}
-        )
+        page = await form_login(browser, "op-supervisor")
         assert page.status_code == 303
         assert page.headers["location"] == "/fleet"
         cookie = page.headers["set-cookie"]
@@ -178,13 +177,39 @@ async def test_the_login_page_never_redirects_off_site(
     await add_operator(pool, "op-x", "viewer", PASSWORD)
     async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
         assert (await browser.get("/fleet")).headers["location"] == "/login?next=/fleet"
-        page = await browser.post(
-            "/login", data={"username": "op-x", "password": PASSWORD, "next": "//evil.example/"}
-        )
+        page = await form_login(browser, "op-x", next_page="//evil.example/")
         assert page.headers["location"] == "/fleet"
-        wrong = await browser.post("/login", data={"username": "op-x", "password": "nope"})
+    async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
+        wrong = await form_login(browser, "op-x", "nope")
         assert wrong.status_code == 401
         assert 'data-testid="login-error"' in wrong.text
+
+
+async def test_a_login_form_posted_from_another_site_is_refused(
+    admin: AdminServer, pool: asyncpg.Pool
+) -> None:
+    """Login CSRF: a page elsewhere cannot log a browser in (as the attacker) by posting
+    the form; the browser sends no SameSite=Strict cookie with it."""
+    await add_operator(pool, "op-y", "viewer", PASSWORD)
+    credentials = {"username": "op-y", "password": PASSWORD, "next": "/fleet"}
+    async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
+        bare = await browser.post("/login", data=credentials)
+        # A token of the attacker's own, without the cookie that matches it.
+        forged = await browser.post("/login", data={**credentials, LOGIN_CSRF_FIELD: "x" * 43})
+        for refused in (bare, forged):
+            assert refused.status_code == 403
+            assert "expired or came from another site" in refused.text
+            assert COOKIE_NAME not in refused.cookies
+    async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
+        await browser.get("/login")
+        # The cookie of this browser's form, but another value in the field.
+        mismatch = await browser.post("/login", data={**credentials, LOGIN_CSRF_FIELD: "é" * 43})
+        assert mismatch.status_code == 403
+    assert await pool.fetchval("SELECT count(*) FROM operator_sessions") == 0
+    assert await pool.fetchval("SELECT count(*) FROM audit_log WHERE action = 'login'") == 0
+    # A refused form is no failed password: the operator is not slowed down.
+    async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
+        assert (await form_login(browser, "op-y")).status_code == 303
 
 
 async def test_operators_are_managed_by_administrators_and_audited(

@@ -198,6 +198,11 @@ async def operators(ctx: AdminContext, request: Request, session: Session) -> Re
     )  # fmt: skip
 
 
+LOGIN_CSRF_COOKIE = "tillsync_login_csrf"
+LOGIN_CSRF_FIELD = "login_csrf"
+LOGIN_CSRF_MAX_AGE_S = 3600
+
+
 def _safe_next(value: str | None) -> str:
     """Only a path of this site (never ``//host`` or a scheme): no open redirect."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
@@ -205,27 +210,60 @@ def _safe_next(value: str | None) -> str:
     return value
 
 
+def _login_page(
+    ctx: AdminContext, request: Request, next_page: str, error: str | None, status: int = 200
+) -> Response:
+    """The login form with a fresh login CSRF token, in a hidden field and in a cookie
+    that only this site's own pages send back (``SameSite=Strict``): a form posted from
+    another site has no cookie, so it cannot log the browser in as someone else."""
+    token = secrets.token_urlsafe(32)
+    response = _render(
+        ctx, request, None, "login.html", title="Log in", next=next_page, error=error,
+        login_csrf=token, login_csrf_field=LOGIN_CSRF_FIELD,
+    )  # fmt: skip
+    response.status_code = status
+    response.set_cookie(
+        LOGIN_CSRF_COOKIE,
+        token,
+        max_age=LOGIN_CSRF_MAX_AGE_S,
+        httponly=True,
+        samesite="strict",
+        secure=ctx.settings.admin_secure_cookie,
+        path="/login",
+    )
+    return response
+
+
 def page_routes(ctx: AdminContext) -> list[Route]:
     async def login_form(request: Request) -> Response:
-        next_page = _safe_next(request.query_params.get("next"))
-        return _render(ctx, request, None, "login.html", title="Log in", next=next_page, error=None)
+        return _login_page(ctx, request, _safe_next(request.query_params.get("next")), None)
 
     async def login(request: Request) -> Response:
         form = await request.form()
         username, password = str(form.get("username", "")), str(form.get("password", ""))
         next_page = _safe_next(str(form.get("next", "")))
+        given, expected = (
+            str(form.get(LOGIN_CSRF_FIELD, "")),
+            request.cookies.get(LOGIN_CSRF_COOKIE),
+        )
+        if (
+            not given
+            or not expected
+            or not secrets.compare_digest(given.encode(), expected.encode())
+        ):
+            # Not a failed attempt (the password was not even looked at): no throttle.
+            error = "This login form has expired or came from another site: log in again here."
+            return _login_page(ctx, request, next_page, error, status=403)
         try:
             operator = await ctx.log_in(username.strip(), password)
         except AdminError as exc:
-            response = _render(
-                ctx, request, None, "login.html", title="Log in", next=next_page, error=exc.reason
-            )
-            response.status_code = 429 if exc.code == "too_many_attempts" else 401
-            return response
+            status = 429 if exc.code == "too_many_attempts" else 401
+            return _login_page(ctx, request, next_page, exc.reason, status=status)
         hours = ctx.settings.admin_session_hours
         session = await create_session(ctx.pool, operator, timedelta(hours=hours), "cookie")
         await record(ctx.pool, operator.username, "login", operator.username, {"kind": "cookie"})
         response = RedirectResponse(next_page, status_code=303)
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
         response.set_cookie(
             COOKIE_NAME,
             session.token,
