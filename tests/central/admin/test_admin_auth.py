@@ -322,3 +322,22 @@ def test_the_login_wait_doubles_and_is_capped() -> None:
     throttle.succeeded("ann")
     throttle.failed("ann")
     assert throttle.wait_s("ann") == 0.0
+
+
+async def test_a_page_beyond_the_role_says_so_in_html(
+    admin: AdminServer, pool: asyncpg.Pool
+) -> None:
+    await add_operator(pool, "op-v", "viewer", PASSWORD)
+    async with httpx.AsyncClient(base_url=admin.url, timeout=30) as browser:
+        assert (await form_login(browser, "op-v")).status_code == 303
+        page = await browser.get("/operators")
+        assert page.status_code == 403
+        assert page.headers["content-type"].startswith("text/html")
+        assert 'data-testid="forbidden"' in page.text
+        assert "needs the <strong>administrator</strong> role" in page.text
+        assert 'data-testid="nav"' in page.text  # the rest of the dashboard is a click away
+        assert 'data-testid="nav-operators"' not in page.text
+        # The JSON API keeps answering clients in JSON.
+        api = await browser.get("/api/operators")
+        assert api.status_code == 403
+        assert api.json()["error"]["code"] == "forbidden"

@@ -156,13 +156,21 @@ PageHandler = Callable[[AdminContext, Request, Session], Awaitable[Response]]
 
 
 def page_route(ctx: AdminContext, path: str, handler: PageHandler, role: Role = "viewer") -> Route:
-    """An HTML page: without a session, a redirect to the login page; without the role, 403."""
+    """An HTML page: without a session, a redirect to the login page; without the role, a
+    403 page saying which role it needs (a person is reading, not a client)."""
 
     async def guarded(request: Request) -> Response:
         session = await session_of(ctx, request)
         if session is None:
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
-        _require(session, role)
+        if not role_allows(session.operator.role, role):
+            return ctx.templates.TemplateResponse(
+                request,
+                "forbidden.html",
+                {"session": session, "page": "", "title": "Not for your role", "needed": role},
+                status_code=403,
+                headers={"Cache-Control": "no-store"},
+            )
         return await handler(ctx, request, session)
 
     return Route(path, guarded, methods=["GET"])
