@@ -11,7 +11,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -25,11 +25,16 @@ from agent.documents import receipt
 from conftest import Enroll
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.catalog_events import CatalogEvent
-from tillsync_central.broker_users import service_permissions, setup_service_user
+from tillsync_central.admin.queues import QueueMonitor
+from tillsync_central.broker_users import (
+    service_permissions,
+    setup_monitoring_user,
+    setup_service_user,
+)
 from tillsync_central.catalog import CatalogEditor, prepare_edit
 from tillsync_central.management import Management
 from tillsync_central.presence import fleet_presence
-from tillsync_central.provisioning import ProvisioningError
+from tillsync_central.provisioning import ProvisioningError, register_amqp_url
 from tillsync_central.runner import CentralService, declare
 from tillsync_central.settings import CentralSettings
 from tillsync_protocol import ConfigError, topology
@@ -283,28 +288,98 @@ def _cli(settings: CentralSettings, *args: str) -> subprocess.CompletedProcess[s
 async def test_cli_setup_users_writes_a_working_url_file(
     settings: CentralSettings, management: Management, tmp_path: Path
 ) -> None:
-    user = service_user_name()
-    url_file = tmp_path / "central-amqp-url"
+    user, monitor = service_user_name(), f"tillsync-monitor-{secrets.token_hex(4)}"
+    url_file, api_url_file = tmp_path / "central-amqp-url", tmp_path / "monitor-api-url"
+    users = ("--user", user, "--monitoring-user", monitor)
     try:
         created = await asyncio.to_thread(
-            _cli, settings, "broker", "setup-users", "--user", user, "--url-file", str(url_file)
-        )
+            _cli, settings, "broker", "setup-users", *users,
+            "--url-file", str(url_file), "--api-url-file", str(api_url_file),
+        )  # fmt: skip
         assert created.returncode == 0, created.stderr
         assert url_file.stat().st_mode & 0o777 == 0o600
+        assert api_url_file.stat().st_mode & 0o777 == 0o600
         service_url = url_file.read_text().strip()
         password = service_url.split("@")[0].split(":")[-1]
         assert password not in created.stdout + created.stderr
         vhost = quote(management.vhost, safe="")
         assert service_url.endswith(f"/{vhost}")
         await (await aio_pika.connect(service_url, timeout=15)).close()
+        monitor_url = api_url_file.read_text().strip()
+        assert monitor_url.startswith(f"http://{monitor}:")
+        assert monitor_url.split("@")[0].split(":")[-1] not in created.stdout + created.stderr
+        await _assert_monitoring_only(monitor_url, management.vhost, service_url)
 
-        again = await asyncio.to_thread(_cli, settings, "broker", "setup-users", "--user", user)
+        again = await asyncio.to_thread(_cli, settings, "broker", "setup-users", *users)
         assert again.returncode == 0, again.stderr
-        assert "password kept" in again.stdout
+        assert again.stdout.count("password kept") == 2
         await (await aio_pika.connect(service_url, timeout=15)).close()
+        await _assert_monitoring_only(monitor_url, management.vhost, service_url)
 
         bad = await asyncio.to_thread(_cli, settings, "broker", "setup-users", "--user", "reg-x")
         assert bad.returncode == 1
         assert "field=user" in bad.stderr
     finally:
         await management.delete_user(user)
+        await management.delete_user(monitor)
+
+
+async def test_the_monitoring_user_reads_queues_and_changes_nothing(
+    settings: CentralSettings, management: Management
+) -> None:
+    user = f"tillsync-monitor-{secrets.token_hex(4)}"
+    api_url = settings.rabbitmq_api_url.get_secret_value()
+    amqp_url = settings.amqp_url.get_secret_value()
+    await management.declare_shared_topology()  # what it will see
+    try:
+        first = await setup_monitoring_user(management, api_url, user=user)
+        assert (first.created, first.password_changed) == (True, True)
+        assert first.amqp_url is not None
+        info = (await management._client.get(f"/api/users/{user}")).json()
+        assert info["tags"] in ("monitoring", ["monitoring"])
+        await _assert_monitoring_only(first.amqp_url, management.vhost, amqp_url)
+        # Its queue list is what the dashboard's Queues page shows.
+        monitored = settings.model_copy(update={"rabbitmq_api_url": SecretStr(first.amqp_url)})
+        names = [q.name for q in await QueueMonitor(monitored).sample()]
+        assert topology.INGEST_QUEUE in names
+        again = await setup_monitoring_user(management, api_url, user=user)
+        assert (again.created, again.password_changed, again.amqp_url) == (False, False, None)
+        await _assert_monitoring_only(first.amqp_url, management.vhost, amqp_url)
+    finally:
+        await management.delete_user(user)
+
+
+async def _assert_monitoring_only(api_url: str, vhost: str, amqp_url: str) -> None:
+    """It reads the vhost's queues over the management API; it can change nothing there,
+    and over AMQP it may not publish nor consume."""
+    parts = urlsplit(api_url)
+    auth = (unquote(parts.username or ""), unquote(parts.password or ""))
+    base = f"{parts.scheme}://{parts.hostname}:{parts.port}"
+    async with httpx.AsyncClient(base_url=base, auth=auth, timeout=15) as client:
+
+        async def listed() -> bool:
+            # A queue just declared shows once the broker's next statistics are in.
+            queues = await client.get(f"/api/queues/{quote(vhost, safe='')}")
+            assert queues.status_code == 200
+            return topology.INGEST_QUEUE in [q["name"] for q in queues.json()]
+
+        await until(listed, timeout=20, interval=0.5)
+        user = await client.put("/api/users/intruder", json={"password": "x", "tags": ""})
+        assert user.status_code in (401, 403)
+        gone = await client.delete(
+            f"/api/queues/{quote(vhost, safe='')}/{quote(topology.INGEST_QUEUE, safe='')}"
+        )
+        assert gone.status_code in (401, 403)
+    # The same user over AMQP, on central's vhost.
+    connection = await aio_pika.connect(register_amqp_url(amqp_url, *auth), timeout=15)
+    try:
+        exchange = await (await connection.channel()).get_exchange(
+            topology.DOCS_EXCHANGE, ensure=False
+        )
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await exchange.publish(aio_pika.Message(b"x"), "c.r.receipt", timeout=15)
+        queue = await (await connection.channel()).get_queue(topology.INGEST_QUEUE, ensure=False)
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await queue.consume(_ignore)
+    finally:
+        await connection.close()

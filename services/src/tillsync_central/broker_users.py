@@ -16,6 +16,12 @@ check passively that it exists). The broker enforces, on the central vhost:
   ``tillsync.presence``, so it cannot forge a register's document or heartbeat;
 - read: central's own queues — never a register's queue;
 - no tags: no management API access, so it cannot create users or change permissions.
+
+:func:`setup_monitoring_user` makes the read-only user the dashboard's queue page (and a
+Prometheus or a person) reads the management API with: tag ``monitoring`` (it can read,
+not change, the broker's state), access to the central vhost with no AMQP rights at all
+(it can neither publish, consume nor declare). Its URL is the ``rabbitmq_api_url`` of the
+hosts that only serve the dashboard.
 """
 
 from __future__ import annotations
@@ -29,9 +35,17 @@ from tillsync_protocol import topology
 from .management import Management
 from .provisioning import Permissions, ProvisioningError, register_amqp_url
 
-__all__ = ["SERVICE_USER", "ServiceUser", "service_permissions", "setup_service_user"]
+__all__ = [
+    "MONITORING_USER",
+    "SERVICE_USER",
+    "ServiceUser",
+    "service_permissions",
+    "setup_monitoring_user",
+    "setup_service_user",
+]
 
 SERVICE_USER = "tillsync-central"
+MONITORING_USER = "tillsync-monitor"
 
 _USER = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _PUBLISHES_TO = (topology.REGISTERS_EXCHANGE, topology.CATALOG_EXCHANGE)
@@ -45,8 +59,9 @@ class ServiceUser:
     created: bool
     password_changed: bool
     amqp_url: str | None
-    """``amqp_url`` with the service user's credentials when its password was set now
-    (else None: the password is unchanged and not known here)."""
+    """The URL (``amqp_url`` for the service user, ``rabbitmq_api_url`` for the monitoring
+    user) with the user's credentials when its password was set now (else None: the
+    password is unchanged and not known here)."""
 
     def __repr__(self) -> str:  # the URL carries the password
         return (
@@ -95,20 +110,7 @@ async def setup_service_user(
     for a new random one, so running this again does not lock out running workers.
     ``amqp_url`` gives the host and vhost of the returned URL.
     """
-    if not _USER.match(user) or user.startswith("reg-"):
-        raise ProvisioningError(
-            f"{user!r} is not a valid service user: lowercase letters, digits and '-', "
-            "not starting with 'reg-' (registers' users)",
-            field="user",
-            code="invalid_value",
-        )
-    if password == "":
-        raise ProvisioningError("the password must not be empty", field="password")
-    exists = await management.user_exists(user)
-    if password is None and (rotate or not exists):
-        password = secrets.token_urlsafe(24)
-    if password is not None:
-        await management.put_user(user, password)  # no tags: no management API
+    exists, password = await _put_user(management, user, password, rotate, tags="")
     await management.declare_shared_topology()  # the workers may only check it
     rights = service_permissions()
     await management.set_permissions(
@@ -123,3 +125,47 @@ async def setup_service_user(
         password_changed=password is not None,
         amqp_url=None if password is None else register_amqp_url(amqp_url, user, password),
     )
+
+
+async def setup_monitoring_user(
+    management: Management,
+    api_url: str,
+    *,
+    user: str = MONITORING_USER,
+    password: str | None = None,
+    rotate: bool = False,
+) -> ServiceUser:
+    """Create or update the read-only management user (tag ``monitoring``, no AMQP rights
+    on the central vhost); idempotent, and the password is kept as
+    :func:`setup_service_user` keeps it. ``api_url`` gives the host of the returned URL."""
+    exists, password = await _put_user(management, user, password, rotate, tags="monitoring")
+    # An entry for the vhost lets it read the vhost's queues; every right is empty.
+    await management.set_permissions(user, configure="^$", write="^$", read="^$")
+    return ServiceUser(
+        user=user,
+        created=not exists,
+        password_changed=password is not None,
+        amqp_url=None if password is None else register_amqp_url(api_url, user, password),
+    )
+
+
+async def _put_user(
+    management: Management, user: str, password: str | None, rotate: bool, *, tags: str
+) -> tuple[bool, str | None]:
+    """Check the name, create the user or set its password and tags; returns whether it
+    existed and the password set now (None: kept)."""
+    if not _USER.match(user) or user.startswith("reg-"):
+        raise ProvisioningError(
+            f"{user!r} is not a valid service user: lowercase letters, digits and '-', "
+            "not starting with 'reg-' (registers' users)",
+            field="user",
+            code="invalid_value",
+        )
+    if password == "":
+        raise ProvisioningError("the password must not be empty", field="password")
+    exists = await management.user_exists(user)
+    if password is None and (rotate or not exists):
+        password = secrets.token_urlsafe(24)
+    if password is not None:
+        await management.put_user(user, password, tags=tags)
+    return exists, password
