@@ -53,6 +53,8 @@ TABLES = {
     "seq_holes",
     "shift_reconciliations",
     # 0006_shift_checks adds a column and an index only
+    # 0007_loyalty
+    "loyalty_postings",
 }
 ALL = [migration.name for migration in load_migrations()]
 """Every migration of the package, in order: a new file needs no edit here (TABLES does)."""

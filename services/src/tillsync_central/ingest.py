@@ -63,6 +63,7 @@ class IngestStats:
     db_retries: int = 0
     item_edits_applied: int = 0
     item_edits_refused: int = 0
+    loyalty_posted: int = 0
     # Unregistered: whoever serves /metrics registers it in its own registry.
     batch_seconds: Histogram = field(default_factory=lambda: _batch_histogram())
 
@@ -187,6 +188,7 @@ class IngestWorker(BatchConsumer):
         stats.refused += result.refused
         stats.item_edits_applied += result.item_edits_applied
         stats.item_edits_refused += result.item_edits_refused
+        stats.loyalty_posted += result.loyalty_posted
         log.info(
             "batch committed",
             consumer=self.name,
@@ -197,6 +199,7 @@ class IngestWorker(BatchConsumer):
             refused=result.refused,
             item_edits_applied=result.item_edits_applied,
             item_edits_refused=result.item_edits_refused,
+            loyalty_posted=result.loyalty_posted,
             **timings,
         )
 

@@ -32,7 +32,7 @@ from .catalog import Edit, current_rows, lock_scope, scope_order, write_edits
 from .catalog_models import validate_state
 from .dead_letters import Conn
 
-__all__ = ["ItemEditResult", "apply_item_edits", "previous_refusals"]
+__all__ = ["ItemEditResult", "apply_item_edits", "edit_scopes", "previous_refusals"]
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +82,7 @@ def _error(code: str, reason: str) -> TillsyncError:
     return RejectedError(reason, field="body.changes", code=code)
 
 
-async def _scopes(conn: Conn, documents: Sequence[ItemEdit]) -> dict[Key, str]:
+async def edit_scopes(conn: Conn, documents: Sequence[ItemEdit]) -> dict[Key, str]:
     """Where each edited item lives: its center's live row if any, else global."""
     keys = sorted({d.body.item_id for d in documents})
     centers = sorted({d.center_id for d in documents})
@@ -101,7 +101,7 @@ async def apply_item_edits(conn: Conn, documents: Sequence[ItemEdit]) -> ItemEdi
     result = ItemEditResult(refused={})
     if not documents:
         return result
-    scope_of = await _scopes(conn, documents)
+    scope_of = await edit_scopes(conn, documents)
     by_scope: dict[str, list[ItemEdit]] = {}
     for document in sorted(documents, key=lambda d: (d.register_id, d.seq)):
         by_scope.setdefault(scope_of[(document.register_id, document.seq)], []).append(document)

@@ -219,6 +219,11 @@ class _ProcessCounters(Collector):
             ),
             ("tillsync_ingest_acks_published", "Ack messages published.", ingest.acks_published),
             (
+                "tillsync_ingest_loyalty_posted",
+                "Loyalty accruals and redemptions posted to customers' balances.",
+                ingest.loyalty_posted,
+            ),
+            (
                 "tillsync_ingest_dead_lettered_by_broker",
                 "Messages the broker dead-lettered after the delivery limit, kept as dead "
                 "letters (code delivery_limit).",

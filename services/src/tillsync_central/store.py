@@ -8,7 +8,8 @@ duplicate, acknowledged again; different bytes: a conflict, recorded and rejecte
 stored document untouched); fill the typed tables (receipts, shifts) for what was new;
 keep refused deliveries as dead letters; apply the new ``item_edit`` documents to the
 catalog (:mod:`tillsync_central.item_edits`), rejecting those that lost
-(``edit_conflict``) now and on every redelivery. After the transaction,
+(``edit_conflict``) now and on every redelivery; post the new loyalty accruals and
+redemptions to the customers' balances (:mod:`tillsync_central.loyalty`). After the transaction,
 ``register_state`` is moved on (:func:`advance_state`): by :func:`store` itself, or by
 the ingest worker once its acks are published.
 
@@ -42,9 +43,11 @@ from tillsync_protocol import (
 )
 
 from . import typed_rows
+from .catalog import lock_scope, scope_order
 from .dead_letters import Conn, DeadLetter, insert_dead_letters
 from .intake import Inspection, RegisterRow, attribute, check_register, register_of_user
-from .item_edits import apply_item_edits, previous_refusals
+from .item_edits import apply_item_edits, edit_scopes, previous_refusals
+from .loyalty import loyalty_scopes, post_loyalty
 
 __all__ = ["BatchResult", "advance_state", "is_transient", "store"]
 
@@ -119,6 +122,7 @@ class BatchResult:
     refused: int = 0
     item_edits_applied: int = 0
     item_edits_refused: int = 0
+    loyalty_posted: int = 0
     stored_through: dict[str, int] = field(default_factory=dict)
     """Per register, the highest seq of this batch that is stored (new or a duplicate)."""
 
@@ -133,6 +137,7 @@ class BatchResult:
         self.refused += other.refused
         self.item_edits_applied += other.item_edits_applied
         self.item_edits_refused += other.item_edits_refused
+        self.loyalty_posted += other.loyalty_posted
         for register_id, seq in other.stored_through.items():
             self.stored_through[register_id] = max(seq, self.stored_through.get(register_id, 0))
 
@@ -324,7 +329,24 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
     for item in [*new, *duplicates]:
         register_id, seq = item.key
         result.stored_through[register_id] = max(seq, result.stored_through.get(register_id, 0))
+    documents = [item.document for item in new]
+    balances = await _lock_catalog_scopes(conn, documents)
+    result.loyalty_posted += len(await post_loyalty(conn, documents, balances))
     await _settle_item_edits(conn, new, duplicates, result)
+
+
+async def _lock_catalog_scopes(conn: Conn, documents: list[Document]) -> dict[tuple[str, int], str]:
+    """Lock every catalog scope the batch's loyalty postings and item edits will write,
+    in one order (``scope_order``) for both kinds, so two workers cannot deadlock; returns
+    the loyalty documents' scopes."""
+    balances = await loyalty_scopes(conn, documents)
+    scopes = set(balances.values())
+    edits = [d for d in documents if isinstance(d, ItemEdit)]
+    if edits:
+        scopes |= set((await edit_scopes(conn, edits)).values())
+    for scope in sorted(scopes, key=scope_order):
+        await lock_scope(conn, scope)
+    return balances
 
 
 async def _settle_item_edits(
