@@ -574,7 +574,7 @@ async def test_changes_applied_together_end_as_if_applied_one_by_one(tmp_path: P
 
 @pytest.mark.parametrize("mode", ["delta", "replace"])
 async def test_a_key_that_comes_twice_in_one_answer_ends_at_its_latest_change(
-    tmp_path: Path, mode: str
+    tmp_path: Path, mode: ApplyMode
 ) -> None:
     db = tmp_path / "a.db"
     async with open_replica(db) as (_, replica, _):

@@ -5,6 +5,7 @@ of the states."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sqlite3
@@ -15,9 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tillsync_agent import load_settings
+from tillsync_agent.delta_rpc import DeltaRpc
 from tillsync_agent.replica import _BARCODES_ALL, NotStagedError, _json
 from tillsync_agent.store import SCHEMA_VERSION, Store
-from tillsync_protocol import ENTITIES, GLOBAL_SCOPE, ConfigError
+from tillsync_protocol import ENTITIES, GLOBAL_SCOPE, ConfigError, DeltaPage
 
 from .catalog import CENTER, change, item_state, new_request_id, open_replica, pages
 from .documents import receipt
@@ -253,3 +256,24 @@ def _catalog_values(depth: int = 3) -> st.SearchStrategy[Any]:
 def test_state_json_is_the_text_json_dumps_gives(state: dict[str, Any]) -> None:
     assert _json(state) == json.dumps(state, ensure_ascii=False, separators=(",", ":"))
     assert json.loads(_json(state)) == state
+
+
+async def test_a_page_of_a_request_not_being_staged_is_dropped_not_raised(
+    tmp_path: Path,
+) -> None:
+    """The consumer callback must not fail on it (the message is acked either way)."""
+    settings = load_settings(
+        None, register_id="r-1", center_id=CENTER, amqp_url="amqp://127.0.0.1/", data_dir=tmp_path
+    )
+    async with open_replica(tmp_path / "a.db") as (_, replica, _):
+        rpc = DeltaRpc(settings, replica, asyncio.Event())
+        waiting, staged = new_request_id(), new_request_id()
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+        rpc._replies[waiting] = replies  # as fetch() registers it
+        await replica.begin_staging(staged, "replace")
+        (page,) = pages([change(1, "a")], 1, waiting)
+        rpc.on_reply(DeltaPage(msg_id=new_request_id(), created_at=0, body=page))
+        assert replies.empty()
+        await replica.begin_staging(waiting, "replace")
+        rpc.on_reply(DeltaPage(msg_id=new_request_id(), created_at=0, body=page))
+        assert replies.get_nowait().next_rows[0][1] == "a"

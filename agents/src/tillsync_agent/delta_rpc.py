@@ -38,7 +38,7 @@ from tillsync_protocol import (
 
 from .history import SyncKind
 from .outbox import now_ms
-from .replica import ApplyMode, Replica, StagedPage
+from .replica import ApplyMode, NotStagedError, Replica, StagedPage
 from .settings import AgentSettings
 
 __all__ = [
@@ -133,7 +133,12 @@ class DeltaRpc:
         if isinstance(reply, DeltaPage):
             # Pages can arrive faster than they are staged: what waits is plain rows, not
             # thousands of models that every full garbage collection would walk.
-            queue.put_nowait(self._replica.shadow_rows(request_id, reply.body))
+            try:
+                staged = self._replica.shadow_rows(request_id, reply.body)
+            except NotStagedError as exc:  # the replica stages another request: not ours
+                log.warning("reply to a request not being staged", error=str(exc))
+                return
+            queue.put_nowait(staged)
         else:
             queue.put_nowait(reply)
 
