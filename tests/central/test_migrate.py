@@ -55,6 +55,9 @@ TABLES = {
     # 0006_shift_checks adds a column and an index only
     # 0007_loyalty
     "loyalty_postings",
+    # 0008_stock
+    "stock_movements",
+    "stock_voids_waiting",
 }
 ALL = [migration.name for migration in load_migrations()]
 """Every migration of the package, in order: a new file needs no edit here (TABLES does)."""

@@ -35,6 +35,7 @@ __all__ = [
     "Change",
     "Edit",
     "Op",
+    "live_state",
     "lock_scope",
     "prepare_edit",
     "scope_order",
@@ -183,6 +184,14 @@ async def current_rows(
     pairs = sorted(set(keys))
     rows = await conn.fetch(_CURRENT, scope, [p[0] for p in pairs], [p[1] for p in pairs])
     return {(r["entity"], r["key"]): _Row(r["version"], r["deleted"], r["state"]) for r in rows}
+
+
+def live_state(row: _Row | None) -> dict[str, Any]:
+    """A copy of a row's state from :func:`current_rows`; empty when there is no live row
+    (none, or a tombstone)."""
+    if row is None or row.deleted or row.state is None:
+        return {}
+    return dict(row.state)
 
 
 async def _write_scope(

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
 from tillsync_protocol import GLOBAL_SCOPE, Document, LoyaltyAccrual, LoyaltyRedemption
 
-from .catalog import Edit, current_rows, scope_order, write_edits
+from .catalog import Edit, current_rows, live_state, scope_order, write_edits
 from .catalog_models import validate_state
 from .dead_letters import Conn
 
@@ -102,11 +103,7 @@ async def post_loyalty(
         scope_docs = by_scope[scope]
         customers = sorted({d.body.customer_id for d in scope_docs})
         rows = await current_rows(conn, scope, [(ENTITY, c) for c in customers])
-        states: dict[str, dict[str, object]] = {}
-        for customer in customers:
-            row = rows.get((ENTITY, customer))
-            alive = row is not None and not row.deleted and row.state is not None
-            states[customer] = dict(row.state) if alive and row is not None and row.state else {}
+        states = {customer: live_state(rows.get((ENTITY, customer))) for customer in customers}
         for document in scope_docs:
             postings.append(_post(scope, document, states[document.body.customer_id]))
         edits = [
@@ -128,7 +125,7 @@ async def post_loyalty(
     return postings
 
 
-def _post(scope: str, document: Loyalty, state: dict[str, object]) -> LoyaltyPosting:
+def _post(scope: str, document: Loyalty, state: dict[str, Any]) -> LoyaltyPosting:
     """Apply one document to ``state`` (in place); its posting."""
     points = document.body.points
     delta = points if isinstance(document, LoyaltyAccrual) else -points

@@ -17,6 +17,8 @@ Every ``reconcile_interval_s`` one pass, in one transaction that takes an adviso
    refunds and the sales per payment method reported by the register against what
    central received for that shift. The result (``ok`` or ``mismatch`` with each
    differing field) is final; until then the shift is ``waiting``.
+3. **Stock.** The stock movements ingest recorded since the last pass are folded into
+   the centers' ``stock_levels`` (:mod:`tillsync_central.stock`).
 
 Resend requests are published after the pass's writes and before its commit; if the
 commit fails the register may be asked twice, which only makes it resend what central
@@ -42,6 +44,7 @@ from .confirms import control_message, publish_in_order
 from .consumer import wait_any
 from .dead_letters import Conn
 from .settings import CentralSettings
+from .stock import fold_stock
 
 __all__ = [
     "Difference",
@@ -188,6 +191,7 @@ class PassResult:
     shifts_ok: int = 0
     shifts_mismatch: int = 0
     shifts_waiting: int = 0
+    stock_rows: int = 0
 
 
 @dataclass
@@ -200,6 +204,7 @@ class ReconcileStats:
     holes_resolved: int = 0
     shifts_ok: int = 0
     shifts_mismatch: int = 0
+    stock_rows: int = 0
     failures: int = 0
 
 
@@ -245,6 +250,7 @@ async def reconcile_pass(
                 result.requests = await _request(exchange, due)
                 await conn.execute(_REQUESTED, [row["id"] for row in due])
         await _reconcile_shifts(conn, result)
+        result.stock_rows = await fold_stock(conn)
         return result
 
 
@@ -404,4 +410,5 @@ class Reconciler:
         stats.holes_resolved += result.holes_resolved
         stats.shifts_ok += result.shifts_ok
         stats.shifts_mismatch += result.shifts_mismatch
+        stats.stock_rows += result.stock_rows
         return result

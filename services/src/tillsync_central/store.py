@@ -9,9 +9,10 @@ stored document untouched); fill the typed tables (receipts, shifts) for what wa
 keep refused deliveries as dead letters; apply the new ``item_edit`` documents to the
 catalog (:mod:`tillsync_central.item_edits`), rejecting those that lost
 (``edit_conflict``) now and on every redelivery; post the new loyalty accruals and
-redemptions to the customers' balances (:mod:`tillsync_central.loyalty`). After the transaction,
-``register_state`` is moved on (:func:`advance_state`): by :func:`store` itself, or by
-the ingest worker once its acks are published.
+redemptions to the customers' balances (:mod:`tillsync_central.loyalty`); record the
+stock movements of the new receipts, refunds and voids (:mod:`tillsync_central.stock`).
+After the transaction, ``register_state`` is moved on (:func:`advance_state`): by
+:func:`store` itself, or by the ingest worker once its acks are published.
 
 The result says, per register, which seqs to acknowledge and which to reject; nothing is
 acknowledged before the transaction commits (the worker publishes after :func:`store`).
@@ -48,6 +49,7 @@ from .dead_letters import Conn, DeadLetter, insert_dead_letters
 from .intake import Inspection, RegisterRow, attribute, check_register, register_of_user
 from .item_edits import apply_item_edits, edit_scopes, previous_refusals
 from .loyalty import loyalty_scopes, post_loyalty
+from .stock import record_movements
 
 __all__ = ["BatchResult", "advance_state", "is_transient", "store"]
 
@@ -123,6 +125,7 @@ class BatchResult:
     item_edits_applied: int = 0
     item_edits_refused: int = 0
     loyalty_posted: int = 0
+    stock_lines: int = 0
     stored_through: dict[str, int] = field(default_factory=dict)
     """Per register, the highest seq of this batch that is stored (new or a duplicate)."""
 
@@ -138,6 +141,7 @@ class BatchResult:
         self.item_edits_applied += other.item_edits_applied
         self.item_edits_refused += other.item_edits_refused
         self.loyalty_posted += other.loyalty_posted
+        self.stock_lines += other.stock_lines
         for register_id, seq in other.stored_through.items():
             self.stored_through[register_id] = max(seq, self.stored_through.get(register_id, 0))
 
@@ -332,6 +336,7 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
     documents = [item.document for item in new]
     balances = await _lock_catalog_scopes(conn, documents)
     result.loyalty_posted += len(await post_loyalty(conn, documents, balances))
+    result.stock_lines += await record_movements(conn, documents)
     await _settle_item_edits(conn, new, duplicates, result)
 
 
