@@ -18,7 +18,6 @@ only ever sees committed states, each a consistent snapshot of some central vers
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -26,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import chain
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 import aiosqlite
 from pydantic_core import to_json
@@ -59,7 +58,6 @@ __all__ = [
     "UnknownItemError",
 ]
 
-T = TypeVar("T")
 
 ApplyStatus = Literal["applied", "duplicate", "gap", "ignored"]
 ApplyMode = Literal["delta", "update", "replace"]
@@ -353,7 +351,7 @@ class Replica(CatalogReader):
                 db.execute(_SET_CURSOR, (scope, seq))
             return statuses, events
 
-        statuses, _ = await self._write_in_thread(work, lambda r: self.events.publish(r[1]))
+        statuses, _ = await self._store.write_in_thread(work, lambda r: self.events.publish(r[1]))
         return statuses
 
     def _apply_one(
@@ -395,27 +393,6 @@ class Replica(CatalogReader):
             )
         return "applied"
 
-    async def _write_in_thread(
-        self,
-        work: Callable[[sqlite3.Connection], T],
-        after: Callable[[T], None] | None = None,
-    ) -> T:
-        """As :meth:`Store.write`, but the whole transaction (``BEGIN IMMEDIATE``, ``work``,
-        ``COMMIT``) runs as one call on the connection's thread: one hop to that thread and
-        back instead of one per statement, which is most of a real-time change's cost.
-        Under the store's write lock, and shielded from cancellation as ``write`` is."""
-        db = self._store.db
-
-        async def locked() -> T:
-            async with self._store.write_lock:
-                # aiosqlite runs a callable on its thread only through _execute.
-                result: T = await db._execute(_transaction, db._conn, work)  # type: ignore[no-untyped-call]
-                if after is not None:
-                    after(result)
-                return result
-
-        return await asyncio.shield(locked())
-
     # -- deltas and reinits -------------------------------------------------------------
 
     async def begin_staging(self, request_id: str, mode: ApplyMode = "delta") -> None:
@@ -428,7 +405,7 @@ class Replica(CatalogReader):
             db.execute(_BEGIN_STAGING, (request_id, mode, now_ms()))
 
         self._staging = None
-        await self._write_in_thread(begin)
+        await self._store.write_in_thread(begin)
         self._staging = _Staging(request_id, mode)
 
     async def stage(self, request_id: str, page: DeltaPageBody) -> int:
@@ -520,7 +497,7 @@ class Replica(CatalogReader):
             staging.next_rows += sum(len(page.next_rows) for page in pages)
             staging.drops += sum(len(page.drops) for page in pages)
 
-        await self._write_in_thread(insert, counted)
+        await self._store.write_in_thread(insert, counted)
 
     async def apply_staged(
         self,
@@ -718,17 +695,3 @@ async def _sync_barcodes(db: aiosqlite.Connection, item_keys: list[str]) -> None
     keys = json.dumps(item_keys)
     await db.execute(_UNBARCODE, (keys,))
     await db.execute(_BARCODES_OF, (keys,))
-
-
-def _transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    """``work`` in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any error); runs
-    on the connection's thread."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        result = work(db)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return result
