@@ -56,7 +56,8 @@ TABLES = {
     # 0007_loyalty
     "loyalty_postings",
     # 0008_stock
-    "stock_movements",
+    "stock_pending",
+    "stock_voided",
     "stock_voids_waiting",
 }
 ALL = [migration.name for migration in load_migrations()]

@@ -1,25 +1,30 @@
-"""Stock movements from what registers sell, and their folding into ``stock_levels``.
+"""Stock moved by what registers sell, and its folding into ``stock_levels``.
 
-In the ingest transaction that first stores a document (:func:`record_movements`):
+In the ingest transaction that first stores documents (:func:`record_movements`):
 
-* a ``receipt`` takes each line's quantity out of its center's stock (``sale``);
-* a ``refund`` puts each line's quantity back (``refund``; its lines list the goods
-  returned, with positive quantities as on a receipt);
-* a ``void`` puts back every line of the receipt it cancels (``void``), once however many
-  voids name it (a unique index on the voided receipt's lines). A void stored before its
-  receipt (registers' batches commit out of order) waits in ``stock_voids_waiting``; the
-  next pass after the receipt arrives writes the reversal.
+* a ``receipt`` takes each line's quantity out of its center's stock;
+* a ``refund`` puts each line's quantity back (its lines list the goods returned, with
+  positive quantities as on a receipt);
+* a ``void`` puts back every line of the receipt it cancels, once however many voids
+  name it (``stock_voided``). A void stored before its receipt (registers' batches commit
+  out of order) waits in ``stock_voids_waiting``; the first pass after the receipt
+  arrives puts it back.
 
-A redelivered document is a duplicate and records nothing. The reconciler's pass
-(:func:`fold_stock`) takes every movement not yet applied, sums it per center and item,
-and writes each changed ``stock_levels`` row once as an ordinary catalog change
-(``changed_by`` ``stock:sales``) in the center's scope, so it fans out to the center's
-registers at most once per pass. An item with no stock row in its center gets one.
-Stock may go below zero: the registers sold it, and the books say so.
+What a batch moves is summed per center and item and added to ``stock_pending``: a few
+rows per batch, insert-only, so concurrent workers never wait on each other. A
+redelivered document is a duplicate and moves nothing.
+
+The reconciler's pass (:func:`fold_stock`) deletes the pending rows it can see, sums them
+per center and item, and writes each changed ``stock_levels`` row once as an ordinary
+catalog change (``changed_by`` ``stock:sales``) in the center's scope, so it fans out to
+the center's registers at most once per pass. A row still being written by an open
+ingest transaction is invisible to the pass and left for the next one. An item with no
+stock row in its center gets one; stock may go below zero (the registers sold it).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 
 import structlog
@@ -37,23 +42,31 @@ log = structlog.get_logger(__name__)
 ENTITY = "stock_levels"
 CHANGED_BY = "stock:sales"
 
-_INSERT = """
-INSERT INTO stock_movements (register_id, seq, line_no, center_id, item_id, qty_milli, kind)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::integer[], $4::text[], $5::text[],
-                     $6::bigint[], $7::text[])
-ON CONFLICT DO NOTHING
+Totals = dict[tuple[str, str], int]
+"""Quantity moved (thousandths, signed) per ``(center_id, item_id)``."""
+
+_PENDING = """
+INSERT INTO stock_pending (center_id, item_id, qty_milli)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[])
 """
-# The reversal of voids (given as register_id, seq): the sale lines of the receipt each
-# names, put back under the void's key; a receipt is put back once (unique index).
-_REVERSE = """
-INSERT INTO stock_movements (register_id, seq, line_no, center_id, item_id, qty_milli, kind,
-                             voids_register_id, voids_seq)
-SELECT v.register_id, v.seq, m.line_no, m.center_id, m.item_id, -m.qty_milli, 'void',
-       r.register_id, r.seq
-FROM unnest($1::text[], $2::bigint[], $3::uuid[]) AS v(register_id, seq, voided_doc_id)
-JOIN documents r ON r.doc_id = v.voided_doc_id
-JOIN stock_movements m ON m.register_id = r.register_id AND m.seq = r.seq AND m.kind = 'sale'
-ON CONFLICT DO NOTHING
+# Voids given as (register_id, seq, voided_doc_id): claim each stored receipt they name
+# (once ever), and sum the claimed receipts' lines per center and item.
+_PUT_BACK = """
+WITH v AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[])
+        AS v(register_id, seq, voided_doc_id)
+), claimed AS (
+    INSERT INTO stock_voided (register_id, seq, void_register_id, void_seq)
+    SELECT r.register_id, r.seq, v.register_id, v.seq
+    FROM v JOIN documents r ON r.doc_id = v.voided_doc_id AND r.doc_type = 'receipt'
+    ON CONFLICT DO NOTHING
+    RETURNING register_id, seq
+)
+SELECT r.center_id, l ->> 'item_id' AS item_id, sum((l ->> 'qty_milli')::bigint)::bigint AS qty
+FROM claimed c
+JOIN documents r USING (register_id, seq)
+CROSS JOIN LATERAL jsonb_array_elements(r.payload_json -> 'body' -> 'lines') AS l
+GROUP BY 1, 2
 """
 _WAIT = """
 INSERT INTO stock_voids_waiting (register_id, seq, voided_doc_id)
@@ -62,73 +75,77 @@ FROM unnest($1::text[], $2::bigint[], $3::uuid[]) AS v(register_id, seq, voided_
 WHERE NOT EXISTS (SELECT 1 FROM documents r WHERE r.doc_id = v.voided_doc_id)
 ON CONFLICT DO NOTHING
 """
-# Waiting voids whose receipt has arrived: reversed now, and forgotten.
+# Waiting voids whose receipt has arrived: forgotten now, their receipts put back.
 _ARRIVED = """
 DELETE FROM stock_voids_waiting w
 WHERE EXISTS (SELECT 1 FROM documents r WHERE r.doc_id = w.voided_doc_id)
 RETURNING register_id, seq, voided_doc_id
 """
 _TAKE = """
-WITH taken AS (
-    UPDATE stock_movements SET applied_at = now()
-    WHERE applied_at IS NULL
-    RETURNING center_id, item_id, qty_milli
-)
+WITH taken AS (DELETE FROM stock_pending RETURNING center_id, item_id, qty_milli)
 SELECT center_id, item_id, sum(qty_milli)::bigint AS qty_milli, count(*) AS n
-FROM taken GROUP BY center_id, item_id ORDER BY center_id, item_id
+FROM taken GROUP BY center_id, item_id
 """
 
 
 async def record_movements(conn: Conn, documents: Sequence[Document]) -> int:
-    """Record the stock movements of newly stored documents; how many lines moved."""
-    rows: list[tuple[str, int, int, str, str, int, str]] = []
+    """Add what newly stored documents move to ``stock_pending``; the number of lines."""
+    totals: Totals = defaultdict(int)
+    lines = 0
     voids: list[Void] = []
     for document in documents:
         if isinstance(document, (Receipt, Refund)):
-            sign, kind = (1, "refund") if isinstance(document, Refund) else (-1, "sale")
-            rows.extend(
-                (
-                    document.register_id,
-                    document.seq,
-                    line.line_no,
-                    document.center_id,
-                    line.item_id,
-                    sign * line.qty_milli,
-                    kind,
-                )
-                for line in document.body.lines
-            )
+            sign = 1 if isinstance(document, Refund) else -1
+            for line in document.body.lines:
+                totals[(document.center_id, line.item_id)] += sign * line.qty_milli
+            lines += len(document.body.lines)
         elif isinstance(document, Void):
             voids.append(document)
-    if rows:
-        await conn.execute(_INSERT, *(list(column) for column in zip(*rows, strict=True)))
     if voids:
         keys = (
             [v.register_id for v in voids],
             [v.seq for v in voids],
             [v.body.voided_doc_id for v in voids],
         )
-        await conn.execute(_REVERSE, *keys)
+        await _put_back(conn, keys, totals)
         await conn.execute(_WAIT, *keys)
-    return len(rows)
+    moved = [(key, qty) for key, qty in sorted(totals.items()) if qty]
+    if moved:
+        await conn.execute(
+            _PENDING,
+            [center for (center, _), _ in moved],
+            [item for (_, item), _ in moved],
+            [qty for _, qty in moved],
+        )
+    return lines
+
+
+async def _put_back(
+    conn: Conn, voids: tuple[list[str], list[int], list[str]], totals: Totals
+) -> None:
+    for row in await conn.fetch(_PUT_BACK, *voids):
+        totals[(row["center_id"], row["item_id"])] += row["qty"]
 
 
 async def fold_stock(conn: Conn) -> int:
-    """Apply every pending movement to ``stock_levels`` in the caller's transaction; the
+    """Apply the pending stock moves to ``stock_levels`` in the caller's transaction; the
     number of stock rows written."""
+    totals: Totals = defaultdict(int)
     arrived = await conn.fetch(_ARRIVED)
     if arrived:
-        await conn.execute(
-            _REVERSE,
+        voids = (
             [r["register_id"] for r in arrived],
             [r["seq"] for r in arrived],
-            [r["voided_doc_id"] for r in arrived],
+            [str(r["voided_doc_id"]) for r in arrived],
         )
-    totals = await conn.fetch(_TAKE)
-    by_center: dict[str, dict[str, int]] = {}
-    for row in totals:
-        if row["qty_milli"]:
-            by_center.setdefault(row["center_id"], {})[row["item_id"]] = row["qty_milli"]
+        await _put_back(conn, voids, totals)
+    taken = await conn.fetch(_TAKE)
+    for row in taken:
+        totals[(row["center_id"], row["item_id"])] += row["qty_milli"]
+    by_center: dict[str, dict[str, int]] = defaultdict(dict)
+    for (center, item), qty in totals.items():
+        if qty:
+            by_center[center][item] = qty
     written = 0
     for center in sorted(by_center):
         moved = by_center[center]
@@ -141,10 +158,11 @@ async def fold_stock(conn: Conn) -> int:
             state["qty_milli"] = (before if isinstance(before, int) else 0) + qty
             edits.append(Edit(center, ENTITY, item, "upsert", validate_state(ENTITY, state)))
         written += len(await write_edits(conn, edits, CHANGED_BY))
-    if totals:
+    if taken or arrived:
         log.info(
             "stock folded",
-            movements=sum(int(row["n"]) for row in totals),
+            pending_rows=sum(int(row["n"]) for row in taken),
+            voids_arrived=len(arrived),
             items=sum(len(m) for m in by_center.values()),
             centers=len(by_center),
         )
