@@ -183,8 +183,11 @@ class Outbox:
 
     async def _drain_all(self) -> None:
         try:
-            async with self._lock:
-                while self._queue:
+            while self._queue:
+                # The lock is taken per batch, not for the whole run: the sender's records
+                # and central's acks, waiting in the lock's FIFO, get their turn between
+                # two batches instead of starving while submits keep coming.
+                async with self._lock:
                     batch, self._queue = self._queue, []
                     await self._write(batch)
         except BaseException as exc:
