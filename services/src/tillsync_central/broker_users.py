@@ -119,12 +119,7 @@ async def setup_service_user(
     for exchange, write in rights.topic_write.items():
         read = rights.topic_read.get(exchange, "^$")
         await management.set_topic_permissions(user, exchange, write=write, read=read)
-    return ServiceUser(
-        user=user,
-        created=not exists,
-        password_changed=password is not None,
-        amqp_url=None if password is None else register_amqp_url(amqp_url, user, password),
-    )
+    return _outcome(user, exists, password, amqp_url)
 
 
 async def setup_monitoring_user(
@@ -141,11 +136,16 @@ async def setup_monitoring_user(
     exists, password = await _put_user(management, user, password, rotate, tags="monitoring")
     # An entry for the vhost lets it read the vhost's queues; every right is empty.
     await management.set_permissions(user, configure="^$", write="^$", read="^$")
+    return _outcome(user, exists, password, api_url)
+
+
+def _outcome(user: str, exists: bool, password: str | None, url: str) -> ServiceUser:
+    """What was done; ``url`` with the user's credentials when its password was set now."""
     return ServiceUser(
         user=user,
         created=not exists,
         password_changed=password is not None,
-        amqp_url=None if password is None else register_amqp_url(api_url, user, password),
+        amqp_url=None if password is None else register_amqp_url(url, user, password),
     )
 
 

@@ -19,7 +19,7 @@ logged as a warning for someone to look at.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import structlog
@@ -144,14 +144,5 @@ def _post(scope: str, document: Loyalty, state: dict[str, Any]) -> LoyaltyPostin
         shortfall=shortfall,
     )
     if shortfall:
-        log.warning(
-            "loyalty overdrawn",
-            register_id=document.register_id,
-            seq=document.seq,
-            doc_id=document.doc_id,
-            customer_id=document.body.customer_id,
-            scope=scope,
-            redeemed=points,
-            shortfall=shortfall,
-        )
+        log.warning("loyalty overdrawn", redeemed=points, **asdict(posting))
     return posting
