@@ -199,3 +199,35 @@ async def test_acks_that_arrive_together_are_applied_together_and_each_counted(
         assert sorted(results) == [(0, 0), (10, 0), (10, 0), (10, 0)]
         assert (outbox.counts.pending, outbox.counts.acknowledged) == (0, 30)
     assert table_counts(tmp_path / "a.db") == {"acknowledged": 30}
+
+
+async def test_the_sender_never_reads_a_row_that_a_rollback_takes_back(tmp_path: Path) -> None:
+    """``submit_with`` keeps its transaction open over several steps; a due query in
+    between must wait, or it would publish a seq that the rollback then frees for
+    another document (a conflict at central)."""
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        inserted, release = asyncio.Event(), asyncio.Event()
+
+        async def body(db: object) -> dict[str, object]:
+            return receipt()
+
+        async def write(db: object, submitted: object) -> None:
+            inserted.set()  # the row is in, not committed
+            await release.wait()
+            raise RuntimeError("the caller's own write failed")
+
+        edit = asyncio.create_task(outbox.submit_with("receipt", body, write))
+        await inserted.wait()
+        due = asyncio.create_task(outbox.due(100))
+        await asyncio.sleep(0.05)
+        assert not due.done()  # it waits for the transaction to end
+        release.set()
+        with pytest.raises(RuntimeError):
+            await edit
+        assert await due == []
+        replacement = await outbox.submit("receipt", receipt(500))
+        assert replacement.seq == 1
+        assert [row.seq for row in await outbox.due(100)] == [1]
+        assert outbox.counts.pending == 1
+    assert table_counts(tmp_path / "a.db") == {"pending": 1}

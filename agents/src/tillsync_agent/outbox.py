@@ -348,9 +348,15 @@ class Outbox:
     # -- sending ------------------------------------------------------------------------
 
     async def due(self, limit: int, now: int | None = None) -> list[OutboxRow]:
-        """Rows to publish now, in seq order."""
+        """Rows to publish now, in seq order.
+
+        Read under the write lock: :meth:`submit_with` inserts its row in a transaction of
+        several steps on the same connection, and a read between two of them would see
+        (and publish) a row that a rollback then takes back, its seq reused by another
+        document."""
         at = now_ms() if now is None else now
-        rows = await self._store.in_thread(lambda db: db.execute(_DUE, (at, limit)).fetchall())
+        async with self._lock:
+            rows = await self._store.in_thread(lambda db: db.execute(_DUE, (at, limit)).fetchall())
         return [OutboxRow(*row) for row in rows]
 
     async def next_due_at(self) -> int | None:
