@@ -355,7 +355,9 @@ async def _assert_monitoring_only(api_url: str, vhost: str, amqp_url: str) -> No
     parts = urlsplit(api_url)
     auth = (unquote(parts.username or ""), unquote(parts.password or ""))
     base = f"{parts.scheme}://{parts.hostname}:{parts.port}"
-    async with httpx.AsyncClient(base_url=base, auth=auth, timeout=15) as client:
+    # No keep-alive: the management API may close a connection after refusing a request.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base, auth=auth, timeout=15, limits=fresh) as client:
 
         async def listed() -> bool:
             # A queue just declared shows once the broker's next statistics are in.

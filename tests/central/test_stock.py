@@ -149,3 +149,28 @@ async def test_an_item_without_a_stock_row_gets_one_and_may_go_below_zero(
     assert await _fold(pool) == 1
     # The registers sold it: the books say so, below zero.
     assert await _stock(pool, center) == {"water": -2_250}
+
+
+async def test_a_fold_that_fails_leaves_its_moves_pending_and_the_pass_commits(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    center = new_id("c")
+    till = Till(await enroll(center))
+    async with till:
+        await till.publish_documents([till.document(1, "receipt", _sale(1, [("tea", 1_000)]))])
+        await till.wait_for([1])
+    await until(lambda: _state_caught_up(pool), timeout=10)
+    # A move for a center with no catalog scope (say, deleted by hand): that fold fails.
+    await pool.execute(
+        "INSERT INTO stock_pending (center_id, item_id, qty_milli) VALUES ('nowhere', 'x', 5)"
+    )
+    async with pool.acquire() as conn:
+        result = await reconcile_pass(conn, None, hole_grace_s=60, request_cap_s=3600)
+    assert result.locked
+    assert result.stock_rows == 0
+    # Nothing was taken: both moves wait for a pass that can fold them.
+    assert await pool.fetchval("SELECT count(*) FROM stock_pending") == 2
+    assert await _stock(pool, center) == {}
+    await pool.execute("DELETE FROM stock_pending WHERE center_id = 'nowhere'")
+    assert await _fold(pool) == 1
+    assert await _stock(pool, center) == {"tea": -1_000}

@@ -200,6 +200,7 @@ class IngestWorker(BatchConsumer):
             item_edits_applied=result.item_edits_applied,
             item_edits_refused=result.item_edits_refused,
             loyalty_posted=result.loyalty_posted,
+            stock_lines=result.stock_lines,
             **timings,
         )
 
