@@ -15,6 +15,7 @@ the end, with a check that the deletion really happened.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -245,6 +246,9 @@ class VhostFactory:
             raise RuntimeError("test vhosts not deleted: " + "; ".join(failures))
 
 
+_DROP_TRIES = 10
+
+
 class DatabaseFactory:
     """``await make_database()`` → the DSN of a new, empty database the test role owns."""
 
@@ -270,7 +274,16 @@ class DatabaseFactory:
         name = _checked_name(unquote(urlsplit(dsn).path.lstrip("/")))
         conn = await self._admin()
         try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for attempt in range(_DROP_TRIES):
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                    break
+                except asyncpg.InsufficientPrivilegeError:
+                    # An autovacuum worker (a superuser's backend, which FORCE may not
+                    # terminate for us) is in the database: it is done within moments.
+                    if attempt == _DROP_TRIES - 1:
+                        raise
+                    await asyncio.sleep(0.2 * (attempt + 1))
             if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
                 raise RuntimeError(f"database {name} still exists after DROP")
         finally:

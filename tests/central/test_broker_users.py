@@ -200,7 +200,11 @@ async def test_the_service_user_cannot_touch_registers_forge_or_manage(
         service_settings.amqp_url.get_secret_value().split("//")[1].split("@")[0].split(":")
     )
     api = settings.rabbitmq_api_url.get_secret_value().split("@")[1]
-    async with httpx.AsyncClient(base_url=f"http://{api}", auth=(user, password)) as client:
+    # A connection per request: the management API may close one after a 401.
+    fresh = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(
+        base_url=f"http://{api}", auth=(user, password), limits=fresh
+    ) as client:
         created = await client.put("/api/users/intruder", json={"password": "x", "tags": ""})
         assert created.status_code == 401
         assert (await client.get("/api/overview")).status_code == 401
