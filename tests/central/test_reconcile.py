@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from central.conftest import Enroll, new_id
-from central.tills import Till, until
+from central.tills import Till, state_settled
 from tillsync_central.reconcile import Difference, reconcile_pass
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
@@ -105,20 +105,8 @@ def _z_report(
     return report
 
 
-_STATE_BEHIND = """
-SELECT count(*) FROM (SELECT register_id, max(seq) AS last FROM documents GROUP BY 1) d
-LEFT JOIN register_state s USING (register_id)
-WHERE s.last_seq IS NULL OR s.last_seq < d.last
-"""
-
-
 async def _pass(pool: asyncpg.Pool, exchange: AbstractExchange | None, grace: float) -> Any:
-    # Ingest moves register_state on right after publishing its acks: a test that has
-    # its acks waits for that too, as the reconciler's next pass would.
-    async def state_caught_up() -> bool:
-        return bool(await pool.fetchval(_STATE_BEHIND) == 0)
-
-    await until(state_caught_up, timeout=10, interval=0.02)
+    await state_settled(pool)  # as the reconciler's next pass would see it
     async with pool.acquire() as conn:
         return await reconcile_pass(conn, exchange, hole_grace_s=grace, request_cap_s=3600)
 

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from central.conftest import Enroll, new_id
-from central.tills import Till, receipt_body, until
+from central.tills import Till, receipt_body, state_settled, until
 from tillsync_central.catalog import CatalogEditor
 from tillsync_central.reconcile import reconcile_pass
 from tillsync_central.runner import IngestService
@@ -84,7 +84,7 @@ async def test_sales_refunds_and_voids_move_stock_once_in_any_order(
         await a.wait_for([1, 2, 4, 5])
         await b.wait_for([1, 2])
         # Folded: the void of the receipt not yet here waits for it.
-        await until(lambda: _state_caught_up(pool), timeout=10)
+        await state_settled(pool)
         # bread: 50 - 2 (a1) + 2 (void a2) - 3 (b1) + 1 (refund b2) = 48; milk: -1.5 + 1.5
         # moved nothing in sum, so no row is written for it.
         assert await _fold(pool) == 1
@@ -95,7 +95,7 @@ async def test_sales_refunds_and_voids_move_stock_once_in_any_order(
         await a.publish(sent[0], doc_type="receipt")  # a resend of receipt 1: a duplicate
         await a.wait_for([3])
         await until(lambda: _duplicates(ingest, 1), timeout=30)
-        await until(lambda: _state_caught_up(pool), timeout=10)
+        await state_settled(pool)
         # The late receipt and its earlier void cancel out: nothing to write.
         assert await _fold(pool) == 0
         assert await _stock(pool, center) == {"bread": 48_000}
@@ -121,16 +121,6 @@ async def test_sales_refunds_and_voids_move_stock_once_in_any_order(
     assert changes == 1  # one pass wrote bread once
 
 
-async def _state_caught_up(pool: asyncpg.Pool) -> bool:
-    """Every stored document's batch has finished (register_state moves on last)."""
-    behind = await pool.fetchval(
-        "SELECT count(*) FROM (SELECT register_id, max(seq) AS last FROM documents"
-        " GROUP BY 1) d LEFT JOIN register_state s USING (register_id)"
-        " WHERE s.last_seq IS NULL OR s.last_seq < d.last"
-    )
-    return bool(behind == 0)
-
-
 async def _duplicates(ingest: IngestService, count: int) -> bool:
     return ingest.stats.duplicates >= count
 
@@ -145,7 +135,7 @@ async def test_an_item_without_a_stock_row_gets_one_and_may_go_below_zero(
             [till.document(1, "receipt", _sale(1, [("water", 2_000), ("water", 250)]))]
         )
         await till.wait_for([1])
-    await until(lambda: _state_caught_up(pool), timeout=10)
+    await state_settled(pool)
     assert await _fold(pool) == 1
     # The registers sold it: the books say so, below zero.
     assert await _stock(pool, center) == {"water": -2_250}
@@ -159,7 +149,7 @@ async def test_a_fold_that_fails_leaves_its_moves_pending_and_the_pass_commits(
     async with till:
         await till.publish_documents([till.document(1, "receipt", _sale(1, [("tea", 1_000)]))])
         await till.wait_for([1])
-    await until(lambda: _state_caught_up(pool), timeout=10)
+    await state_settled(pool)
     # A move for a center with no catalog scope (say, deleted by hand): that fold fails.
     await pool.execute(
         "INSERT INTO stock_pending (center_id, item_id, qty_milli) VALUES ('nowhere', 'x', 5)"

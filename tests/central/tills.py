@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
+import asyncpg
 import msgpack
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
@@ -173,3 +174,20 @@ async def until(
             if await check():
                 return
             await asyncio.sleep(interval)
+
+
+_STATE_BEHIND = """
+SELECT count(*) FROM (SELECT register_id, max(seq) AS last FROM documents GROUP BY 1) d
+LEFT JOIN register_state s USING (register_id)
+WHERE s.last_seq IS NULL OR s.last_seq < d.last
+"""
+
+
+async def state_settled(pool: asyncpg.Pool, timeout: float = 10.0) -> None:
+    """Until ``register_state`` covers every stored document: ingest moves it on right
+    after publishing its acks, so a test holding its acks waits for that too."""
+
+    async def caught_up() -> bool:
+        return bool(await pool.fetchval(_STATE_BEHIND) == 0)
+
+    await until(caught_up, timeout=timeout, interval=0.02)
