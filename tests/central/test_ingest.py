@@ -16,6 +16,7 @@ import pytest
 from tills import Till, canonical, pack, raw_document, receipt_body, until
 
 from conftest import Enroll, new_id
+from tillsync_central.ingest import StateAdvancer
 from tillsync_central.management import Management
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
@@ -523,3 +524,43 @@ async def test_the_largest_shift_number_the_protocol_allows_is_stored(
         assert till.acks.accepted == {1}
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT shift_no FROM receipts") == 2**31
+
+
+async def test_register_state_writes_merge_while_one_waits(
+    pool: asyncpg.Pool, enroll: Enroll
+) -> None:
+    """Batches noted while a write of ``register_state`` waits are written together by
+    the next one, with the greatest seq per register, and none is lost on flush."""
+    register_id = (await enroll()).register_id
+    other_id = (await enroll()).register_id
+    advancer = StateAdvancer(pool)
+    async with pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        # Holds the row: the advancer's upsert waits for this transaction.
+        await blocker.execute(
+            "SELECT 1 FROM register_state WHERE register_id = $1 FOR UPDATE", register_id
+        )
+        advancer.note({register_id: 3})
+
+        async def waiting() -> bool:
+            return bool(
+                await _count(
+                    pool,
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND datname = current_database()",
+                )
+            )
+
+        await until(waiting, timeout=10)
+        advancer.note({register_id: 9, other_id: 4})
+        advancer.note({register_id: 5})
+        await blocking.commit()
+    await asyncio.wait_for(advancer.flush(), timeout=10)
+    assert advancer.writes == 2
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT register_id, last_seq FROM register_state WHERE register_id = ANY($1)",
+            [register_id, other_id],
+        )
+    assert {r["register_id"]: r["last_seq"] for r in rows} == {register_id: 9, other_id: 4}

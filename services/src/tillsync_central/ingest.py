@@ -8,8 +8,11 @@ Per batch (:class:`IngestWorker`, any number competing on the quorum queue):
    if PostgreSQL is unreachable the batch is kept and retried with capped backoff, never
    acknowledged and never dropped;
 3. after COMMIT, publish one ack per register (publisher confirms, with a timeout);
-4. move ``register_state`` on (a summary: best effort, never durable at COMMIT);
-5. then ``basic.ack`` the batch.
+4. then ``basic.ack`` the batch.
+
+``register_state`` (a summary of ``documents``: best effort, never durable at COMMIT) is
+moved on by a task of its own (:class:`StateAdvancer`), off the workers' loop: batches
+that commit while it writes are merged into its next write.
 
 A crash between any two steps leaves the batch unacknowledged: the broker redelivers
 it, step 2 finds duplicates, and step 3 acknowledges them again.
@@ -39,7 +42,7 @@ from .intake import Delivery, inspect
 from .settings import CentralSettings
 from .store import BatchResult, advance_state, is_transient, store
 
-__all__ = ["DeadLetterWorker", "IngestStats", "IngestWorker", "delivery_of"]
+__all__ = ["DeadLetterWorker", "IngestStats", "IngestWorker", "StateAdvancer", "delivery_of"]
 
 log = structlog.get_logger(__name__)
 
@@ -139,6 +142,13 @@ class IngestWorker(BatchConsumer):
         self._pool = pool
         self.stats = IngestStats() if stats is None else stats
         self._retry = _DatabaseRetry(self.stats, self.name)
+        self._state = StateAdvancer(pool)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        try:
+            await super().run(stopping)
+        finally:
+            await self._state.flush()
 
     async def handle(self, batch: Sequence[AbstractIncomingMessage], session: Session) -> bool:
         started = time.perf_counter()
@@ -158,8 +168,9 @@ class IngestWorker(BatchConsumer):
         )
         await self._publish_acks(exchange, result)
         acked = time.perf_counter()
-        # A summary off the documents' way back: the registers have their acks already.
-        await advance_state(self._pool, result.stored_through)
+        # A summary off the documents' way back and off this loop: the registers have
+        # their acks already, and the next batch need not wait for it.
+        self._state.note(result.stored_through)
         self.stats.batch_seconds.observe(acked - started)
         timings = {
             "inspect_ms": round((inspected - started) * 1000, 2),
@@ -203,6 +214,42 @@ class IngestWorker(BatchConsumer):
             stock_lines=result.stock_lines,
             **timings,
         )
+
+
+class StateAdvancer:
+    """Moves ``register_state`` on in the background (:func:`advance_state`).
+
+    What batches stored is merged (the greatest seq per register) while a write is under
+    way and written by the next one, so a burst of batches costs one statement and no
+    batch waits for it. A write that fails is logged by :func:`advance_state` and not
+    retried: the register's next batch and the reconciler move the row on anyway.
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._pending: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.writes = 0
+        """Statements written so far (each one for every batch noted while it waited)."""
+
+    def note(self, stored_through: dict[str, int]) -> None:
+        pending = self._pending
+        for register_id, seq in stored_through.items():
+            if seq > pending.get(register_id, 0):
+                pending[register_id] = seq
+        if pending and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._write(), name="register-state")
+
+    async def _write(self) -> None:
+        while self._pending:
+            taken, self._pending = self._pending, {}
+            self.writes += 1
+            await advance_state(self._pool, taken)
+
+    async def flush(self) -> None:
+        """Wait for what was noted to be written (on stop)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
 
 
 class DeadLetterWorker(BatchConsumer):
