@@ -40,6 +40,7 @@ import asyncpg
 
 from _setup import (
     CentralProcess,
+    CpuSample,
     Sandbox,
     Services,
     cancel_on_sigterm,
@@ -53,6 +54,7 @@ from _setup import (
     sandbox,
     services_from_env,
 )
+from _setup import _proc_cpu_s as process_cpu_s
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
 from tillsync_agent.simulator import Till
@@ -69,16 +71,61 @@ POLL_S = 0.005
 # -- the registers --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AgentStatus:
+    last_seq: int
+    pending: int
+    rejected: int
+    reconnects: int
+
+
+class OutboxFile:
+    """What the bench reads from a register's outbox file, wherever its agent runs."""
+
+    register_id: str
+    database_path: Path
+
+    def timings(self, first_seq: int, last_seq: int) -> list[tuple[int, int | None, int]]:
+        """``(created_at, last_sent_at, acked_at)`` in ms of the acknowledged rows in a seq
+        range. ``last_sent_at`` is when the sender recorded the broker's confirms of the
+        publish batch; None when central's ack got there first (the row was no longer
+        open when the sender marked its batch published)."""
+        with contextlib.closing(open_readonly(self.database_path)) as db:
+            rows = db.execute(
+                "SELECT created_at, last_sent_at, acked_at FROM outbox "
+                "WHERE seq BETWEEN ? AND ? AND state = 'acknowledged'",
+                (first_seq, last_seq),
+            ).fetchall()
+        return [(int(c), None if s is None else int(s), int(a)) for c, s, a in rows]
+
+    def open_rows(self) -> int:
+        """Rows neither acknowledged nor rejected, as the outbox table has them."""
+        with contextlib.closing(open_readonly(self.database_path)) as db:
+            row = db.execute(
+                "SELECT count(*) FROM outbox WHERE state IN ('pending', 'published')"
+            ).fetchone()
+        return int(row[0])
+
+    def payloads(self, last_seq: int) -> list[tuple[int, bytes]]:
+        with contextlib.closing(open_readonly(self.database_path)) as db:
+            rows = db.execute(
+                "SELECT seq, payload FROM outbox WHERE seq <= ? ORDER BY seq", (last_seq,)
+            ).fetchall()
+        return [(int(seq), bytes(payload)) for seq, payload in rows]
+
+
 @dataclass
-class Register:
+class Register(OutboxFile):
+    """An agent in the bench's own process and event loop."""
+
     agent: Agent
     till: Till
     task: asyncio.Task[None] | None = None
     docs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
-    @property
-    def register_id(self) -> str:
-        return self.agent.settings.register_id
+    def __post_init__(self) -> None:
+        self.register_id = self.agent.settings.register_id
+        self.database_path = self.agent.settings.database_path
 
     def generate(self, count: int) -> None:
         """Documents made ahead of the clock: the simulator's cost is not measured."""
@@ -97,58 +144,245 @@ class Register:
             for _ in range(concurrency):
                 group.create_task(submitter())
 
-    def timings(self, first_seq: int, last_seq: int) -> list[tuple[int, int | None, int]]:
-        """``(created_at, last_sent_at, acked_at)`` in ms of the acknowledged rows in a seq
-        range. ``last_sent_at`` is when the sender recorded the broker's confirms of the
-        publish batch; None when central's ack got there first (the row was no longer
-        open when the sender marked its batch published)."""
-        with contextlib.closing(open_readonly(self.agent.settings.database_path)) as db:
-            rows = db.execute(
-                "SELECT created_at, last_sent_at, acked_at FROM outbox "
-                "WHERE seq BETWEEN ? AND ? AND state = 'acknowledged'",
-                (first_seq, last_seq),
-            ).fetchall()
-        return [(int(c), None if s is None else int(s), int(a)) for c, s, a in rows]
+    def status(self) -> AgentStatus:
+        counts = self.agent.outbox.counts
+        return AgentStatus(
+            counts.last_seq, counts.pending, counts.rejected, self.agent.link.state.reconnects
+        )
 
-    def open_rows(self) -> int:
-        """Rows neither acknowledged nor rejected, as the outbox table has them."""
-        with contextlib.closing(open_readonly(self.agent.settings.database_path)) as db:
-            row = db.execute(
-                "SELECT count(*) FROM outbox WHERE state IN ('pending', 'published')"
-            ).fetchone()
-        return int(row[0])
 
-    def payloads(self, last_seq: int) -> list[tuple[int, bytes]]:
-        with contextlib.closing(open_readonly(self.agent.settings.database_path)) as db:
-            rows = db.execute(
-                "SELECT seq, payload FROM outbox WHERE seq <= ? ORDER BY seq", (last_seq,)
-            ).fetchall()
-        return [(int(seq), bytes(payload)) for seq, payload in rows]
+@dataclass
+class ChildRegister(OutboxFile):
+    """An agent in a child process of its own (``bench/_agent_child.py``), driven by JSON
+    lines on its stdin and answering on its stdout; the bench reads its outbox file."""
+
+    register_id: str
+    process: asyncio.subprocess.Process
+    database_path: Path = Path()
+
+    async def call(self, command: str, **fields: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps({"cmd": command, **fields}) + "\n").encode())
+        await self.process.stdin.drain()
+        return await self.answer()
+
+    async def answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = await self.process.stdout.readline()
+        if not line:
+            code = await self.process.wait()
+            raise RuntimeError(f"agent process of {self.register_id} exited {code}")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"agent process of {self.register_id}: {reply.get('error')}")
+        return reply
+
+    async def status(self) -> AgentStatus:
+        reply = await self.call("status")
+        return AgentStatus(
+            int(reply["last_seq"]),
+            int(reply["pending"]),
+            int(reply["rejected"]),
+            int(reply["reconnects"]),
+        )
+
+    async def stop(self) -> None:
+        """``stop``, then closing stdin (either stops it); SIGTERM after 30 s, SIGKILL
+        after 10 more."""
+        if self.process.returncode is None and self.process.stdin is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.process.stdin.write(b'{"cmd": "stop"}\n')
+                self.process.stdin.close()
+        for escalate in (self.process.terminate, self.process.kill):
+            try:
+                await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=30)
+                return
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    escalate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.process.wait(), timeout=10)
+
+
+class Fleet:
+    """The R registers' agents, in this process or each in its own (``--agent-processes``)."""
+
+    registers: Sequence[OutboxFile]
+
+    def agent_pids(self) -> list[int]:
+        """The agents' own processes (none when they run in this one)."""
+        return []
+
+    async def generate(self, counts: Sequence[int]) -> None:
+        raise NotImplementedError
+
+    async def submit_all(self, concurrency: int) -> None:
+        raise NotImplementedError
+
+    async def submit_paced(self, rate: float) -> float:
+        """Submit the generated documents at ``rate`` documents/s in all, document k of the
+        run to register k mod R; returns the seconds it took."""
+        raise NotImplementedError
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+        """Until no agent has anything pending; False on timeout."""
+        raise NotImplementedError
+
+    async def status(self) -> dict[str, AgentStatus]:
+        raise NotImplementedError
+
+
+class InProcessFleet(Fleet):
+    def __init__(self, registers: Sequence[Register]) -> None:
+        self.registers = self.local = list(registers)
+
+    async def generate(self, counts: Sequence[int]) -> None:
+        for register, count in zip(self.local, counts, strict=True):
+            register.generate(count)
+
+    async def submit_all(self, concurrency: int) -> None:
+        async with asyncio.TaskGroup() as group:
+            for register in self.local:
+                group.create_task(register.submit_all(concurrency))
+
+    async def submit_paced(self, rate: float) -> float:
+        # Round robin: register i gets documents i, i + R, i + 2R… (as _shares counted).
+        registers = self.local
+        queues = [iter(r.docs) for r in registers]
+        total = sum(len(r.docs) for r in registers)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sent = 0
+        async with asyncio.TaskGroup() as group:
+            while sent < total:
+                due = min(total, int((loop.time() - start) * rate) + 1)
+                while sent < due:
+                    index = sent % len(registers)
+                    group.create_task(registers[index].agent.submit(*next(queues[index])))
+                    sent += 1
+                await asyncio.sleep(0.002)
+        return loop.time() - start
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout
+        while any(r.agent.outbox.counts.pending for r in self.local):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(POLL_S)
+        return True
+
+    async def status(self) -> dict[str, AgentStatus]:
+        return {r.register_id: r.status() for r in self.local}
+
+
+class ChildFleet(Fleet):
+    def __init__(self, registers: Sequence[ChildRegister]) -> None:
+        self.registers = self.children = list(registers)
+
+    def agent_pids(self) -> list[int]:
+        return [child.process.pid for child in self.children]
+
+    async def _each(self, command: str, **fields: Any) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(c.call(command, **fields) for c in self.children)))
+
+    async def generate(self, counts: Sequence[int]) -> None:
+        await asyncio.gather(
+            *(c.call("generate", count=n) for c, n in zip(self.children, counts, strict=True))
+        )
+
+    async def submit_all(self, concurrency: int) -> None:
+        await self._each("submit_all", concurrency=concurrency)
+
+    async def submit_paced(self, rate: float) -> float:
+        # Register i submits its k-th document at (i + k·R) / rate: the same instants as
+        # the in-process round robin, each on its own clock (started within a millisecond).
+        count = len(self.children)
+        start = time.perf_counter()
+        await asyncio.gather(
+            *(
+                c.call("submit_paced", rate=rate / count, offset_s=i / rate)
+                for i, c in enumerate(self.children)
+            )
+        )
+        return time.perf_counter() - start
+
+    async def drain(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+        return all(reply["drained"] for reply in await self._each("drain", timeout_s=timeout))
+
+    async def status(self) -> dict[str, AgentStatus]:
+        statuses = await asyncio.gather(*(c.status() for c in self.children))
+        return {c.register_id: s for c, s in zip(self.children, statuses, strict=True)}
+
+
+def _load_agent_settings(enrollment: Enrollment, data_dir: Path) -> dict[str, Any]:
+    """What both modes give an agent: the production defaults (ack timeout 30 s, 1,000
+    in flight, ``synchronous=FULL``), the enrollment's identity and broker URL."""
+    return {
+        "register_id": enrollment.register_id,
+        "center_id": enrollment.center_id,
+        "amqp_url": enrollment.amqp_url,
+        "data_dir": data_dir / enrollment.register_id,
+    }
 
 
 @contextlib.asynccontextmanager
 async def running_registers(
     enrollments: Sequence[Enrollment], data_dir: Path
-) -> AsyncIterator[list[Register]]:
-    """In-process agents with the production defaults (ack timeout 30 s, 1,000 in
-    flight), each running until the block ends, then stopped as SIGTERM stops one."""
+) -> AsyncIterator[InProcessFleet]:
+    """In-process agents, each running until the block ends, then stopped as SIGTERM
+    stops one."""
     async with contextlib.AsyncExitStack() as stack:
         registers: list[Register] = []
         for index, enrollment in enumerate(enrollments):
-            settings = load_settings(
-                None,
-                register_id=enrollment.register_id,
-                center_id=enrollment.center_id,
-                amqp_url=enrollment.amqp_url,
-                data_dir=data_dir / enrollment.register_id,
-            )
+            settings = load_settings(None, **_load_agent_settings(enrollment, data_dir))
             agent = await stack.enter_async_context(Agent(settings, serve_socket=False))
             register = Register(agent, Till(enrollment.register_id, seed=index))
             register.task = asyncio.create_task(agent.run())
             stack.push_async_callback(_stop_agent, register)
             registers.append(register)
         await _wait_linked(registers)
-        yield registers
+        yield InProcessFleet(registers)
+
+
+CHILD = Path(__file__).with_name("_agent_child.py")
+
+
+@contextlib.asynccontextmanager
+async def agent_processes(
+    enrollments: Sequence[Enrollment], data_dir: Path
+) -> AsyncIterator[ChildFleet]:
+    """One child process per agent (``_agent_child.py``), as registers run in production;
+    each stopped at the end of the block (also on an error or a cancel), none left behind."""
+    children: list[ChildRegister] = []
+    try:
+        for index, enrollment in enumerate(enrollments):
+            config = {**_load_agent_settings(enrollment, data_dir), "seed": index}
+            config["data_dir"] = str(config["data_dir"])
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(CHILD),
+                json.dumps(config),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 20,
+                # Not in the terminal's process group: Ctrl-C reaches the bench alone,
+                # which stops them in order (and if it dies, they read the end of stdin).
+                process_group=0,
+            )
+            children.append(ChildRegister(enrollment.register_id, process))
+        for child in children:
+            ready = await asyncio.wait_for(child.answer(), timeout=60)
+            child.database_path = Path(ready["database_path"])
+        yield ChildFleet(children)
+    finally:
+        stopping = asyncio.gather(*(child.stop() for child in children), return_exceptions=True)
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            # Cancelled again (a second Ctrl-C): wait still. Should this wait be cut short
+            # too, the children read the end of their stdin when this process exits.
+            await stopping
+            raise
 
 
 async def _stop_agent(register: Register) -> None:
@@ -166,43 +400,39 @@ async def _wait_linked(registers: Sequence[Register]) -> None:
         await asyncio.sleep(0.05)
 
 
-async def wait_drained(registers: Sequence[Register], timeout: float = DRAIN_TIMEOUT_S) -> bool:
-    """Until no agent has anything pending; False on timeout."""
-    deadline = time.monotonic() + timeout
-    while any(r.agent.outbox.counts.pending for r in registers):
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(POLL_S)
-    return True
+def sample_cpu(fleet: Fleet, central_pid: int | None, database: str) -> CpuSample:
+    """``cpu_sample``, plus the agents' processes summed as ``agents`` when they have their
+    own (in-process, the agents are ``bench_process``)."""
+    base = cpu_sample(central_pid, database)
+    pids = fleet.agent_pids()
+    if not pids:
+        return base
+    return CpuSample(base.at, {**base.seconds, "agents": sum(process_cpu_s(p) for p in pids)})
 
 
 # -- phase 1 and 2: tillsync ----------------------------------------------------------------
 
 
 async def full_load(
-    registers: Sequence[Register],
+    fleet: Fleet,
     docs: int,
     concurrency: int,
     central_pid: int | None,
     database: str,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """Every register submits its share as fast as it is accepted; until all acked."""
-    per_register = _shares(docs, len(registers))
-    for register, count in zip(registers, per_register, strict=True):
-        register.generate(count)
-    progress(f"tillsync: submitting {docs} documents through {len(registers)} agents")
-    cpu_before = cpu_sample(central_pid, database)
+    await fleet.generate(_shares(docs, len(fleet.registers)))
+    progress(f"tillsync: submitting {docs} documents through {len(fleet.registers)} agents")
+    cpu_before = sample_cpu(fleet, central_pid, database)
     began_at = time.time()
     start = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for register in registers:
-            group.create_task(register.submit_all(concurrency))
+    await fleet.submit_all(concurrency)
     submitted_s = time.perf_counter() - start
-    drained = await wait_drained(registers)
+    drained = await fleet.drain()
     wall_s = time.perf_counter() - start
-    cpu = cores_used(cpu_before, cpu_sample(central_pid, database))
-    last_seqs = {r.register_id: r.agent.outbox.counts.last_seq for r in registers}
-    timings = [t for r in registers for t in r.timings(1, last_seqs[r.register_id])]
+    cpu = cores_used(cpu_before, sample_cpu(fleet, central_pid, database))
+    last_seqs = {rid: s.last_seq for rid, s in (await fleet.status()).items()}
+    timings = [t for r in fleet.registers for t in r.timings(1, last_seqs[r.register_id])]
     result = {
         "documents": docs,
         "drained": drained,
@@ -212,27 +442,28 @@ async def full_load(
         "docs_per_s": round(docs / wall_s, 1),
         **breakdown(timings),
         "cores_used": cpu,
-        "payload_bytes": _payload_sizes(registers, last_seqs),
+        "payload_bytes": _payload_sizes(fleet.registers, last_seqs),
         "window": (began_at, time.time()),
     }
     if not drained:
-        result["stuck"] = stuck(registers)
+        result["stuck"] = await stuck(fleet)
     return result, last_seqs
 
 
-def stuck(registers: Sequence[Register]) -> dict[str, Any]:
-    """After a drain timeout: the in-memory pending counters against the outbox rows."""
+async def stuck(fleet: Fleet) -> dict[str, Any]:
+    """After a drain timeout: the pending counters against the outbox rows."""
+    status = await fleet.status()
     return {
         r.register_id: {
-            "pending_counter": r.agent.outbox.counts.pending,
+            "pending_counter": status[r.register_id].pending,
             "open_rows": r.open_rows(),
         }
-        for r in registers
+        for r in fleet.registers
     }
 
 
 async def half_load(
-    registers: Sequence[Register],
+    fleet: Fleet,
     rate: float,
     duration_s: float,
     after: dict[str, int],
@@ -241,32 +472,18 @@ async def half_load(
 ) -> dict[str, Any]:
     """Submit at ``rate`` documents/s (spread over the registers) for ``duration_s``."""
     total = max(1, int(rate * duration_s))
-    per_register = _shares(total, len(registers))
-    for register, count in zip(registers, per_register, strict=True):
-        register.generate(count)
+    await fleet.generate(_shares(total, len(fleet.registers)))
     progress(f"half load: {total} documents at {rate:.0f}/s for {duration_s:.0f} s")
-    # Round robin: register i gets documents i, i + R, i + 2R… (as _shares counted).
-    queues = [iter(r.docs) for r in registers]
-    cpu_before = cpu_sample(central_pid, database)
+    cpu_before = sample_cpu(fleet, central_pid, database)
     began_at = time.time()
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    sent = 0
-    async with asyncio.TaskGroup() as group:
-        while sent < total:
-            due = min(total, int((loop.time() - start) * rate) + 1)
-            while sent < due:
-                index = sent % len(registers)
-                group.create_task(registers[index].agent.submit(*next(queues[index])))
-                sent += 1
-            await asyncio.sleep(0.002)
-    paced_s = loop.time() - start
-    cpu = cores_used(cpu_before, cpu_sample(central_pid, database))
-    drained = await wait_drained(registers)
+    paced_s = await fleet.submit_paced(rate)
+    cpu = cores_used(cpu_before, sample_cpu(fleet, central_pid, database))
+    drained = await fleet.drain()
+    last_seqs = {rid: s.last_seq for rid, s in (await fleet.status()).items()}
     timings = [
         t
-        for r in registers
-        for t in r.timings(after[r.register_id] + 1, r.agent.outbox.counts.last_seq)
+        for r in fleet.registers
+        for t in r.timings(after[r.register_id] + 1, last_seqs[r.register_id])
     ]
     result = {
         "target_rate_per_s": round(rate, 1),
@@ -279,7 +496,7 @@ async def half_load(
         "window": (began_at, time.time()),
     }
     if not drained:
-        result["stuck"] = stuck(registers)
+        result["stuck"] = await stuck(fleet)
     return result
 
 
@@ -325,7 +542,7 @@ def _shares(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
-def _payload_sizes(registers: Sequence[Register], last_seqs: dict[str, int]) -> dict[str, Any]:
+def _payload_sizes(registers: Sequence[OutboxFile], last_seqs: dict[str, int]) -> dict[str, Any]:
     sizes = sorted(
         len(payload) for r in registers for _, payload in r.payloads(last_seqs[r.register_id])
     )
@@ -344,6 +561,7 @@ async def invariant(pool: asyncpg.Pool, last_seqs: dict[str, int]) -> dict[str, 
         "SELECT count(*) AS stored, count(DISTINCT (register_id, seq)) AS keys, "
         "count(DISTINCT doc_id) AS doc_ids FROM documents"
     )
+    assert row is not None  # an aggregate always returns its row
     missing = 0
     for register_id, last_seq in last_seqs.items():
         present = await pool.fetchval(
@@ -569,6 +787,7 @@ class Options:
     batch_max_wait_ms: int | None
     profile_dir: Path | None
     json_only: bool
+    agent_processes: bool = False
 
 
 async def run_tillsync(
@@ -598,20 +817,22 @@ async def run_tillsync(
                 await add_register(pool, management, box.amqp_url, CENTER_ID, register_id)
                 for register_id in register_ids
             ]
-        async with running_registers(enrollments, work / "agents") as registers:
+        agents = agent_processes if options.agent_processes else running_registers
+        async with agents(enrollments, work / "agents") as fleet:
             pid = None if central.process is None else central.process.pid
             full, last_seqs = await full_load(
-                registers, options.docs, options.concurrency, pid, box.name
+                fleet, options.docs, options.concurrency, pid, box.name
             )
             progress(f"tillsync: {full['docs_per_s']} docs/s")
             rate = options.half_load_rate or full["docs_per_s"] / 2
-            half = await half_load(registers, rate, options.half_load_s, last_seqs, pid, box.name)
-            all_seqs = {r.register_id: r.agent.outbox.counts.last_seq for r in registers}
-            rejected = sum(r.agent.outbox.counts.rejected for r in registers)
-            reconnects = sum(r.agent.link.state.reconnects for r in registers)
+            half = await half_load(fleet, rate, options.half_load_s, last_seqs, pid, box.name)
+            status = await fleet.status()
+            all_seqs = {register_id: s.last_seq for register_id, s in status.items()}
+            rejected = sum(s.rejected for s in status.values())
+            reconnects = sum(s.reconnects for s in status.values())
             payloads = [
                 (r.register_id, seq, payload)
-                for r in registers
+                for r in fleet.registers
                 for seq, payload in r.payloads(last_seqs[r.register_id])
             ]
         exit_code = await central.stop()
@@ -724,6 +945,9 @@ def report(
         "config": {
             "docs": options.docs,
             "registers": options.registers,
+            "agents": "one process each (--agent-processes)"
+            if options.agent_processes
+            else "all in the bench's process and event loop",
             "central_workers": options.workers,
             "submit_concurrency_per_agent": options.concurrency,
             "half_load_s": options.half_load_s,
@@ -741,7 +965,7 @@ def report(
 def parse(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--docs", type=int, default=20_000, help="documents in the full-load run")
-    parser.add_argument("--registers", type=int, default=4, help="in-process agents")
+    parser.add_argument("--registers", type=int, default=4, help="registers (agents)")
     parser.add_argument("--workers", type=int, default=2, help="central's ingest workers")
     parser.add_argument("--concurrency", type=int, default=64, help="submits waiting per agent")
     parser.add_argument("--half-load-seconds", type=float, default=8.0, dest="half_load_s")
@@ -762,6 +986,12 @@ def parse(argv: Sequence[str] | None = None) -> Options:
     )
     parser.add_argument(
         "--profile", type=Path, default=None, dest="profile_dir", help="write cProfile stats here"
+    )
+    parser.add_argument(
+        "--agent-processes",
+        action="store_true",
+        help="run each register's agent in a child process of its own (bench/_agent_child.py), "
+        "as registers run in production; default: all agents in this process",
     )
     parser.add_argument("--json-only", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
