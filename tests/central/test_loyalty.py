@@ -120,6 +120,51 @@ async def test_a_redemption_beyond_the_balance_is_kept_with_its_shortfall(
     assert tuple(row) == (-100, 0, 60)
 
 
+async def test_an_accrual_past_the_balance_limit_is_refused_and_the_rest_flows(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
+) -> None:
+    till = Till(await enroll())
+    customer, other = new_id("cust"), new_id("cust")
+    limit = 10**12
+    await CatalogEditor(pool).upsert(
+        GLOBAL_SCOPE, "loyalty_balances", customer, {"points": limit - 5}
+    )
+    async with till:
+        sent = await till.publish_documents(
+            [
+                till.document(1, "loyalty_accrual", _accrual(customer, 5)),
+                till.document(2, "loyalty_accrual", _accrual(customer, 1)),
+                till.document(3, "loyalty_accrual", _accrual(other, 9)),
+            ]
+        )
+        await till.wait_for([1, 2, 3])
+    # The first reaches the limit exactly; the second would pass it: refused with its
+    # own code and field, the others posted.
+    assert till.acks.accepted == {1, 3}
+    assert set(till.acks.rejected) == {2}
+    rejection = till.acks.rejected[2]
+    assert (rejection.code, rejection.field) == ("loyalty_limit", "body.points")
+    assert str(limit) in rejection.reason
+    assert await _balance(pool, GLOBAL_SCOPE, customer) == {"points": limit, "tier": None}
+    assert await _balance(pool, GLOBAL_SCOPE, other) == {"points": 9, "tier": None}
+    postings = await pool.fetch(
+        "SELECT seq, delta, balance_after FROM loyalty_postings WHERE register_id = $1"
+        " ORDER BY seq",
+        till.register_id,
+    )
+    assert [tuple(p) for p in postings] == [(1, 5, limit), (3, 9, 9)]
+    letter = await pool.fetchrow(
+        "SELECT code, field, seq, payload FROM dead_letters WHERE register_id = $1",
+        till.register_id,
+    )
+    assert (letter["code"], letter["field"], letter["seq"]) == ("loyalty_limit", "body.points", 2)
+    assert bytes(letter["payload"]) == sent[1]
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM documents WHERE register_id = $1", till.register_id
+    )
+    assert stored == 2
+
+
 async def test_a_center_balance_is_posted_where_it_lives(
     enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool
 ) -> None:

@@ -24,7 +24,13 @@ from typing import Any
 
 import structlog
 
-from tillsync_protocol import GLOBAL_SCOPE, Document, LoyaltyAccrual, LoyaltyRedemption
+from tillsync_protocol import (
+    GLOBAL_SCOPE,
+    Document,
+    LoyaltyAccrual,
+    LoyaltyRedemption,
+    TillsyncError,
+)
 
 from .catalog import Edit, current_rows, live_state, scope_order, write_edits
 from .catalog_models import validate_state
@@ -35,6 +41,8 @@ __all__ = ["LoyaltyPosting", "loyalty_scopes", "post_loyalty"]
 log = structlog.get_logger(__name__)
 
 ENTITY = "loyalty_balances"
+MAX_BALANCE = 10**12
+"""The most points a balance holds (``catalog_models.Points``)."""
 CHANGED_BY = "ingest:loyalty"
 
 _IN_CENTERS = """
@@ -131,6 +139,15 @@ def _post(scope: str, document: Loyalty, state: dict[str, Any]) -> LoyaltyPostin
     delta = points if isinstance(document, LoyaltyAccrual) else -points
     before = state.get("points", 0)
     total = (before if isinstance(before, int) else 0) + delta
+    if total > MAX_BALANCE:
+        # Raised inside the batch: the batch is applied again one document at a time,
+        # and this one alone becomes a dead letter and a rejection with this code.
+        raise TillsyncError(
+            f"customer {document.body.customer_id}'s balance in scope {scope} would be "
+            f"{total} points, more than the {MAX_BALANCE} a balance holds; nothing was posted",
+            field="body.points",
+            code="loyalty_limit",
+        )
     shortfall = max(0, -total)
     state["points"] = max(0, total)
     posting = LoyaltyPosting(

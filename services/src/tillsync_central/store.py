@@ -470,10 +470,17 @@ async def _store_failed(
     pool: asyncpg.Pool, inspection: Inspection, exc: BaseException
 ) -> BatchResult:
     sqlstate = getattr(exc, "sqlstate", None)
-    error = TillsyncError(
-        f"PostgreSQL refused the document ({sqlstate}): {exc}"[:1000],
-        code="store_failed",
-    )
+    if isinstance(exc, TillsyncError):  # central's own refusal: its code, field and reason
+        error = exc
+    elif sqlstate is None:
+        error = TillsyncError(
+            f"central could not store the document ({type(exc).__name__}): {exc}"[:1000],
+            code="store_failed",
+        )
+    else:
+        error = TillsyncError(
+            f"PostgreSQL refused the document ({sqlstate}): {exc}"[:1000], code="store_failed"
+        )
     result = BatchResult()
     async with pool.acquire() as conn, conn.transaction():
         registers = await _registers(conn, [inspection])
