@@ -35,6 +35,7 @@ from tillsync_protocol import (
     encode,
     topology,
 )
+from tillsync_protocol.codec import without_collection
 
 from .history import SyncKind
 from .outbox import now_ms
@@ -132,9 +133,11 @@ class DeltaRpc:
             return
         if isinstance(reply, DeltaPage):
             # Pages can arrive faster than they are staged: what waits is plain rows, not
-            # thousands of models that every full garbage collection would walk.
+            # thousands of models that every full garbage collection would walk. The rows
+            # are made with the collector paused, as the page was decoded (see
+            # without_collection: a page's rows are 3,000 tuples that all survive).
             try:
-                staged = self._replica.shadow_rows(request_id, reply.body)
+                staged = without_collection(self._replica.shadow_rows, request_id, reply.body)
             except NotStagedError as exc:  # the replica stages another request: not ours
                 log.warning("reply to a request not being staged", error=str(exc))
                 return

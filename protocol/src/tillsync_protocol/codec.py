@@ -14,8 +14,9 @@ we do not know; they are dropped. From our own or an older minor, an unknown fie
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+import gc
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ParamSpec, TypeVar
 
 import msgpack
 from pydantic import ValidationError
@@ -46,6 +47,7 @@ __all__ = [
     "field_path",
     "to_json",
     "validate",
+    "without_collection",
 ]
 
 CONTENT_TYPE = "application/x-msgpack"
@@ -76,6 +78,10 @@ def to_json(message: Message) -> dict[str, Any]:
 
 def decode(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Message:
     """Decode any v1 message; raise a :class:`ProtocolError` subclass on any problem."""
+    return without_collection(_decode_any, data, max_size)
+
+
+def _decode_any(data: bytes, max_size: int) -> Message:
     raw = _unpack(data, max_size)
     return _validate(raw, _message_class(raw))
 
@@ -86,17 +92,42 @@ def validate(raw: dict[str, Any]) -> Message:
     if not isinstance(raw, dict):
         raise MalformedError(f"the top level must be a map, not {_wire_type(raw)}")
     _check_tree(raw)
-    return _validate(raw, _message_class(raw))
+    return without_collection(_validate, raw, _message_class(raw))
 
 
 def decode_document(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> Document:
     """Decode a message that must be a document (what ingest accepts)."""
-    return _decode_kind(data, max_size, Document, DOCUMENT_TYPES)
+    return without_collection(_decode_kind, data, max_size, Document, DOCUMENT_TYPES)
 
 
 def decode_control(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> ControlMessage:
     """Decode a message that must be a control message (what a register accepts)."""
-    return _decode_kind(data, max_size, ControlMessage, CONTROL_TYPES)
+    return without_collection(_decode_kind, data, max_size, ControlMessage, CONTROL_TYPES)
+
+
+R = TypeVar("R")
+P = ParamSpec("P")
+
+
+def without_collection(work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """``work(*args, **kwargs)`` with Python's cyclic garbage collector paused (as it was before,
+    after: a collector already paused stays paused).
+
+    Decoding makes thousands of containers (a delta page of 1,000 changes: about 12,000
+    maps, lists and models) that all stay alive until it returns and form no cycle, so
+    every collection the allocations trigger meanwhile scans them for nothing and moves
+    them up a generation, where the next scans them again: 1.1 ms of a page's 6.8 ms (a
+    reinit of 111 pages, about 0.12 s). Paused, the objects that survive are scanned once,
+    by the first collection after. Nothing here runs other code (no callbacks, no I/O),
+    so the pause lasts exactly as long as the work.
+    """
+    if not gc.isenabled():
+        return work(*args, **kwargs)
+    gc.disable()
+    try:
+        return work(*args, **kwargs)
+    finally:
+        gc.enable()
 
 
 def _decode_kind(data: bytes, max_size: int, base: type[M], types: Mapping[str, type[M]]) -> M:
