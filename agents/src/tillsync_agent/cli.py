@@ -22,6 +22,7 @@ from .control_socket import request
 from .enroll import register_enroll_commands
 from .logs import configure_logging
 from .outbox import Outbox
+from .process import tune_gc
 from .service import Agent
 from .settings import AgentSettings
 from .store import Store, open_readonly
@@ -39,6 +40,7 @@ def run(config: ConfigOption = None) -> None:
     """Run the agent service until SIGTERM or Ctrl-C (in-flight work is drained first)."""
     settings = _settings(config)
     configure_logging(settings.log_format, settings.log_level)
+    tune_gc()
 
     # Under systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; else no-ops.
     notifier = Notifier.from_environment(os.environ, os.getpid())

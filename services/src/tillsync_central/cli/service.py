@@ -28,11 +28,13 @@ def run_command(
 ) -> None:
     """Migrate, declare the topology, then ingest documents, relay catalog changes and
     answer delta requests until SIGTERM or SIGINT."""
+    from ..process import tune_gc
     from ..runner import run
     from ..systemd import Notifier
 
     with _reported_errors():
         settings = _settings(config)
+        tune_gc()
         # Under systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; else no-ops.
         notifier = Notifier.from_environment(os.environ, os.getpid())
         asyncio.run(run(settings, workers=workers, rpc_workers=rpc_workers, notifier=notifier))
@@ -51,9 +53,11 @@ def api_command(
 ) -> None:
     """Serve the admin API and dashboard alone (no workers) until SIGTERM or SIGINT."""
     from ..admin.serve import serve_api
+    from ..process import tune_gc
 
     with _reported_errors():
         settings = _settings(config)
+        tune_gc()
         overrides = {k: v for k, v in (("admin_host", host), ("admin_port", port)) if v is not None}
         if overrides:
             settings = settings.model_copy(update=overrides)
