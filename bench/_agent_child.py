@@ -4,7 +4,9 @@
                                    "data_dir": …, "seed": 0}'
 
 It opens the agent as the bench opens an in-process one (``tillsync_agent.Agent`` with the
-production defaults, no control socket), then answers commands, one JSON object a line on
+production defaults, no control socket), in a process tuned as ``tillsync-agent run`` tunes
+its own (``tillsync_agent.process.tune_gc``: start-up objects frozen, GC thresholds
+raised), then answers commands, one JSON object a line on
 stdin, with one JSON line each on stdout (everything else, the agent's warnings included,
 goes to stderr):
 
@@ -38,6 +40,7 @@ from typing import IO, Any
 
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
+from tillsync_agent.process import tune_gc
 from tillsync_agent.simulator import Till
 
 POLL_S = 0.005
@@ -189,6 +192,7 @@ def main(argv: list[str]) -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     configure_logging("console", "warning")
+    tune_gc()  # as `tillsync-agent run` does: what a deployed agent's process runs with
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(serve(config, out))
     return 0
