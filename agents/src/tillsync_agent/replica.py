@@ -444,18 +444,25 @@ class Replica(CatalogReader):
         barcodes: list[BarcodeRow] = []
         drops: list[DropRow] = []
         keeps = self.keeps
+        add_row, add_barcode, add_drop = next_rows.append, barcodes.append, drops.append
+        # The loop runs for every change of a reinit (110,000 in the bench): its names are
+        # locals, and _json's work is inlined (a validated state is always a plain dict).
         for c in changes:
             entity, key, scope, state = c.entity, c.key, c.scope, c.state
             if c.op == "delete" or state is None or (filtering and not keeps(entity, state)):
-                drops.append((entity, key, scope, c.scope_seq))
+                add_drop((entity, key, scope, c.scope_seq))
                 continue
-            next_rows.append((entity, key, scope, c.version, c.scope_seq, _json(state)))
+            text = to_json(state if type(state) is dict else dict(state)).decode()
+            add_row((entity, key, scope, c.version, c.scope_seq, text))
             if entity == "items":
-                center = int(scope != GLOBAL_SCOPE)
                 found = state.get("barcodes")
                 if type(found) is list:
-                    barcodes.extend([(b, key, center) for b in found if type(b) is str])
+                    center = int(scope != GLOBAL_SCOPE)
+                    for barcode in found:
+                        if type(barcode) is str:
+                            add_barcode((barcode, key, center))
                 elif found is not None:
+                    center = int(scope != GLOBAL_SCOPE)
                     barcodes.extend([(barcode, key, center) for barcode in _barcodes(state)])
         return StagedPage(
             request_id,
