@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from _setup import submit_all
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
 from tillsync_agent.process import tune_gc
@@ -90,16 +91,8 @@ class Child:
 
     async def submit_all(self, concurrency: int) -> float:
         """As the in-process bench: ``concurrency`` submitters sharing one iterator."""
-        docs = iter(self.docs)
         start = time.perf_counter()
-
-        async def submitter() -> None:
-            for doc_type, body in docs:
-                await self.agent.submit(doc_type, body)
-
-        async with asyncio.TaskGroup() as group:
-            for _ in range(concurrency):
-                group.create_task(submitter())
+        await submit_all(self.agent.submit, self.docs, concurrency)
         return time.perf_counter() - start
 
     async def submit_paced(self, rate: float, offset_s: float) -> float:

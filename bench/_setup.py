@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,6 +356,24 @@ def services_from_env() -> Services:
     return Services(
         env["TILLSYNC_AMQP_URL"], env["TILLSYNC_DATABASE_URL"], env["TILLSYNC_RABBITMQ_API_URL"]
     )
+
+
+async def submit_all(
+    submit: Callable[[str, dict[str, Any]], Awaitable[object]],
+    docs: Iterable[tuple[str, dict[str, Any]]],
+    concurrency: int,
+) -> None:
+    """Submit ``docs`` in order with up to ``concurrency`` submits waiting (the agent's
+    outbox commits every submit queued behind the one being written together)."""
+    shared = iter(docs)
+
+    async def submitter() -> None:
+        for doc_type, body in shared:
+            await submit(doc_type, body)
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(concurrency):
+            group.create_task(submitter())
 
 
 async def cancel_on_sigterm(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:

@@ -53,10 +53,12 @@ from _setup import (
     progress,
     sandbox,
     services_from_env,
+    submit_all,
 )
 from _setup import _proc_cpu_s as process_cpu_s
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
+from tillsync_agent.process import tune_gc
 from tillsync_agent.simulator import Till
 from tillsync_agent.store import open_readonly
 from tillsync_central.management import Management
@@ -132,17 +134,7 @@ class Register(OutboxFile):
         self.docs = [self.till.next_document() for _ in range(count)]
 
     async def submit_all(self, concurrency: int) -> None:
-        """Submit ``self.docs`` in order with up to ``concurrency`` submits waiting: the
-        outbox commits every submit queued behind the one being written together."""
-        docs = iter(self.docs)
-
-        async def submitter() -> None:
-            for doc_type, body in docs:
-                await self.agent.submit(doc_type, body)
-
-        async with asyncio.TaskGroup() as group:
-            for _ in range(concurrency):
-                group.create_task(submitter())
+        await submit_all(self.agent.submit, self.docs, concurrency)
 
     def status(self) -> AgentStatus:
         counts = self.agent.outbox.counts
@@ -1006,6 +998,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.profile_dir is not None:
         options.profile_dir.mkdir(parents=True, exist_ok=True)
     progress.enabled = not options.json_only
+    # The in-process agents live in a process tuned as `tillsync-agent run` tunes its own
+    # (the raw baseline, in the same process, gets the same collector).
+    tune_gc()
     try:
         result = asyncio.run(cancel_on_sigterm(run(options, services_from_env())))
     except (KeyboardInterrupt, asyncio.CancelledError):
