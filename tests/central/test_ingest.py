@@ -527,13 +527,13 @@ async def test_the_largest_shift_number_the_protocol_allows_is_stored(
 
 
 async def test_register_state_writes_merge_while_one_waits(
-    pool: asyncpg.Pool, enroll: Enroll
+    settings: CentralSettings, pool: asyncpg.Pool, enroll: Enroll
 ) -> None:
     """Batches noted while a write of ``register_state`` waits are written together by
     the next one, with the greatest seq per register, and none is lost on flush."""
     register_id = (await enroll()).register_id
     other_id = (await enroll()).register_id
-    advancer = StateAdvancer(pool)
+    advancer = StateAdvancer(settings)
     async with pool.acquire() as blocker:
         blocking = blocker.transaction()
         await blocking.start()
@@ -556,7 +556,7 @@ async def test_register_state_writes_merge_while_one_waits(
         advancer.note({register_id: 9, other_id: 4})
         advancer.note({register_id: 5})
         await blocking.commit()
-    await asyncio.wait_for(advancer.flush(), timeout=10)
+    await asyncio.wait_for(advancer.close(), timeout=10)
     assert advancer.writes == 2
     async with pool.acquire() as conn:
         rows = await conn.fetch(
@@ -564,3 +564,33 @@ async def test_register_state_writes_merge_while_one_waits(
             [register_id, other_id],
         )
     assert {r["register_id"]: r["last_seq"] for r in rows} == {register_id: 9, other_id: 4}
+
+
+async def test_register_state_writer_opens_a_new_connection_after_losing_its_own(
+    settings: CentralSettings, pool: asyncpg.Pool, enroll: Enroll
+) -> None:
+    register_id = (await enroll()).register_id
+    advancer = StateAdvancer(settings)
+
+    async def last_seq_is(seq: int) -> bool:
+        value = await pool.fetchval(
+            "SELECT last_seq FROM register_state WHERE register_id = $1", register_id
+        )
+        return bool(value == seq)
+
+    try:
+        advancer.note({register_id: 2})
+        await until(lambda: last_seq_is(2), timeout=10)
+        cut = await pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND application_name = $1",
+            "tillsync-central register_state",
+        )
+        assert cut == 1
+        advancer.note({register_id: 3})  # on the dead connection (logged) or a new one
+        await asyncio.sleep(0.5)
+        advancer.note({register_id: 4})
+        await until(lambda: last_seq_is(4), timeout=10)
+    finally:
+        await asyncio.wait_for(advancer.close(), timeout=10)
+    assert advancer.writes == 3

@@ -11,8 +11,8 @@ Per batch (:class:`IngestWorker`, any number competing on the quorum queue):
 4. then ``basic.ack`` the batch.
 
 ``register_state`` (a summary of ``documents``: best effort, never durable at COMMIT) is
-moved on by a task of its own (:class:`StateAdvancer`), off the workers' loop: batches
-that commit while it writes are merged into its next write.
+moved on by a task of its own on a connection of its own (:class:`StateAdvancer`), off
+the workers' loop: batches that commit while it writes are merged into its next write.
 
 A crash between any two steps leaves the batch unacknowledged: the broker redelivers
 it, step 2 finds duplicates, and step 3 acknowledges them again.
@@ -37,10 +37,11 @@ from tillsync_protocol import Backoff, topology
 
 from .acks import ack_messages
 from .consumer import BatchConsumer, Session
+from .db import connect
 from .dead_letters import DeadLetter, insert_dead_letters, json_safe
 from .intake import Delivery, inspect
 from .settings import CentralSettings
-from .store import BatchResult, advance_state, is_transient, store
+from .store import ADVANCE_STATE, BatchResult, is_transient, store
 
 __all__ = ["DeadLetterWorker", "IngestStats", "IngestWorker", "StateAdvancer", "delivery_of"]
 
@@ -142,13 +143,13 @@ class IngestWorker(BatchConsumer):
         self._pool = pool
         self.stats = IngestStats() if stats is None else stats
         self._retry = _DatabaseRetry(self.stats, self.name)
-        self._state = StateAdvancer(pool)
+        self._state = StateAdvancer(settings)
 
     async def run(self, stopping: asyncio.Event) -> None:
         try:
             await super().run(stopping)
         finally:
-            await self._state.flush()
+            await self._state.close()
 
     async def handle(self, batch: Sequence[AbstractIncomingMessage], session: Session) -> bool:
         started = time.perf_counter()
@@ -216,17 +217,27 @@ class IngestWorker(BatchConsumer):
         )
 
 
+_STATE_SESSION = {
+    "synchronous_commit": "off",
+    "application_name": "tillsync-central register_state",  # in pg_stat_activity
+}
+
+
 class StateAdvancer:
-    """Moves ``register_state`` on in the background (:func:`advance_state`).
+    """Moves ``register_state`` on in the background, on a connection of its own.
 
     What batches stored is merged (the greatest seq per register) while a write is under
     way and written by the next one, so a burst of batches costs one statement and no
-    batch waits for it. A write that fails is logged by :func:`advance_state` and not
-    retried: the register's next batch and the reconciler move the row on anyway.
+    batch waits for it. The connection's session has ``synchronous_commit`` off and runs
+    nothing else, so a write is one round trip: one statement, its own transaction, no
+    BEGIN, no COMMIT, no pool reset (four round trips more through the pool). A write
+    that fails is logged and not retried, and the connection is opened again for the
+    next: the register's next batch and the reconciler move the row on anyway.
     """
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, settings: CentralSettings) -> None:
+        self._settings = settings
+        self._conn: asyncpg.Connection | None = None
         self._pending: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
@@ -244,12 +255,28 @@ class StateAdvancer:
         while self._pending:
             taken, self._pending = self._pending, {}
             self.writes += 1
-            await advance_state(self._pool, taken)
+            registers = sorted(taken)
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await connect(self._settings, server_settings=_STATE_SESSION)
+                await self._conn.execute(ADVANCE_STATE, registers, [taken[r] for r in registers])
+            except Exception as exc:
+                log.warning("register_state not advanced", registers=registers, error=repr(exc))
+                await self._drop_connection()
 
-    async def flush(self) -> None:
-        """Wait for what was noted to be written (on stop)."""
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5)
+            except (TimeoutError, Exception):
+                conn.terminate()
+
+    async def close(self) -> None:
+        """Write what was noted (on stop), then close the connection."""
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        await self._drop_connection()
 
 
 class DeadLetterWorker(BatchConsumer):

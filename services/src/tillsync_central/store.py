@@ -51,7 +51,7 @@ from .item_edits import apply_item_edits, edit_scopes, previous_refusals
 from .loyalty import loyalty_scopes, post_loyalty
 from .stock import record_movements
 
-__all__ = ["BatchResult", "advance_state", "is_transient", "store"]
+__all__ = ["ADVANCE_STATE", "BatchResult", "advance_state", "is_transient", "store"]
 
 log = structlog.get_logger(__name__)
 
@@ -100,7 +100,7 @@ COALESCE((SELECT min(d.seq) FROM documents d
                         WHERE f.register_id = s.register_id AND f.seq = s.contiguous_seq + 1)),
          s.contiguous_seq)
 """
-_ADVANCE_STATE = f"""
+ADVANCE_STATE = f"""
 INSERT INTO register_state AS s (register_id, last_seq, last_received_at)
 SELECT u.register_id, u.max_seq, now()
 FROM unnest($1::text[], $2::bigint[]) AS u(register_id, max_seq)
@@ -220,9 +220,7 @@ async def advance_state(pool: asyncpg.Pool, stored_through: dict[str, int]) -> N
         async with pool.acquire() as conn:
             await conn.execute(_NOT_DURABLE)  # one round trip for both, no parameters
             try:
-                await conn.execute(
-                    _ADVANCE_STATE, registers, [stored_through[r] for r in registers]
-                )
+                await conn.execute(ADVANCE_STATE, registers, [stored_through[r] for r in registers])
                 await conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(Exception):

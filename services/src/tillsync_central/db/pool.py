@@ -50,12 +50,17 @@ async def create_pool(settings: CentralSettings) -> asyncpg.Pool:
     return pool
 
 
-async def connect(settings: CentralSettings) -> asyncpg.Connection:
-    """One connection outside the pool (migrations, CLI commands); the caller closes it."""
+async def connect(
+    settings: CentralSettings, *, server_settings: dict[str, str] | None = None
+) -> asyncpg.Connection:
+    """One connection outside the pool (migrations, CLI commands, ingest's
+    ``register_state`` writer); the caller closes it. ``server_settings`` are the
+    session's PostgreSQL settings (for example ``synchronous_commit``)."""
     conn = await asyncpg.connect(
         settings.database_url.get_secret_value(),
         timeout=settings.db_connect_timeout,
         command_timeout=settings.db_command_timeout,
+        server_settings=server_settings,
     )
     await init_connection(conn)
     return conn
