@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,6 @@ from tillsync_protocol import (
     ItemEdit,
     Rejection,
     TillsyncError,
-    to_json,
 )
 
 from . import typed_rows
@@ -429,7 +427,9 @@ async def _insert_documents(conn: Conn, items: list[_Valid]) -> set[tuple[str, i
         [d.type for d in docs],
         [typed_rows.timestamp(d.created_at) for d in docs],
         [item.inspection.delivery.body for item in items],
-        [json.dumps(to_json(d), ensure_ascii=False, separators=(",", ":")) for d in docs],
+        # pydantic's serializer: the same JSON as json.dumps(to_json(d)), in a fraction
+        # of the time (tests/protocol/test_properties.py holds it for every type).
+        [d.model_dump_json() for d in docs],
         [item.content_hash for item in items],
     )
     return {(row["register_id"], row["seq"]) for row in rows}
