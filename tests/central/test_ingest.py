@@ -594,3 +594,35 @@ async def test_register_state_writer_opens_a_new_connection_after_losing_its_own
     finally:
         await asyncio.wait_for(advancer.close(), timeout=10)
     assert advancer.writes == 3
+
+
+async def test_register_state_writer_gives_up_a_blocked_write_on_stop(
+    settings: CentralSettings, pool: asyncpg.Pool, enroll: Enroll
+) -> None:
+    register_id = (await enroll()).register_id
+    advancer = StateAdvancer(settings)
+    async with pool.acquire() as blocker:
+        blocking = blocker.transaction()
+        await blocking.start()
+        await blocker.execute(
+            "SELECT 1 FROM register_state WHERE register_id = $1 FOR UPDATE", register_id
+        )
+        advancer.note({register_id: 7})
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(advancer.close(timeout=0.5), timeout=10)
+        assert asyncio.get_running_loop().time() - started < 5
+        await blocking.rollback()
+    # Given up, not written later behind the stop's back; the writer's session is gone.
+    await asyncio.sleep(0.3)
+    assert (
+        await pool.fetchval(
+            "SELECT last_seq FROM register_state WHERE register_id = $1", register_id
+        )
+        == 0
+    )
+    sessions = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+        " AND datname = current_database()",
+        "tillsync-central register_state",
+    )
+    assert sessions == 0

@@ -24,6 +24,7 @@ it, step 2 finds duplicates, and step 3 acknowledges them again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = ["DeadLetterWorker", "IngestStats", "IngestWorker", "StateAdvancer", "
 log = structlog.get_logger(__name__)
 
 PUBLISH_TIMEOUT_S = 10.0
+STATE_CLOSE_TIMEOUT_S = 5.0
 DB_RETRY_BASE_S = 0.2
 DB_RETRY_CAP_S = 10.0
 
@@ -241,7 +243,7 @@ class StateAdvancer:
         self._pending: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
-        """Statements written so far (each one for every batch noted while it waited)."""
+        """Writes attempted so far (each one for every batch noted while it waited)."""
 
     def note(self, stored_through: dict[str, int]) -> None:
         pending = self._pending
@@ -272,10 +274,23 @@ class StateAdvancer:
             except (TimeoutError, Exception):
                 conn.terminate()
 
-    async def close(self) -> None:
-        """Write what was noted (on stop), then close the connection."""
-        while self._task is not None and not self._task.done():
-            await asyncio.shield(self._task)
+    async def close(self, timeout: float = STATE_CLOSE_TIMEOUT_S) -> None:
+        """Write what was noted (on stop), for at most ``timeout`` seconds (a summary is
+        not worth holding a stop for: a write still waiting then is given up and logged),
+        then close the connection."""
+        task = self._task
+        if task is not None and not task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(task), timeout)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                log.warning(
+                    "register_state not advanced",
+                    registers=sorted(self._pending),
+                    error=f"still writing after {timeout} s on stop",
+                )
         await self._drop_connection()
 
 
