@@ -4,10 +4,12 @@ what is refused, counted at both ends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import itertools
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -526,6 +528,17 @@ async def test_the_largest_shift_number_the_protocol_allows_is_stored(
         assert await conn.fetchval("SELECT shift_no FROM receipts") == 2**31
 
 
+@contextlib.asynccontextmanager
+async def _state_row_locked(pool: asyncpg.Pool, register_id: str) -> AsyncIterator[None]:
+    """Holds the register's ``register_state`` row for the block: a
+    :class:`StateAdvancer`'s upsert of it waits until the block ends."""
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute(
+            "SELECT 1 FROM register_state WHERE register_id = $1 FOR UPDATE", register_id
+        )
+        yield
+
+
 async def test_register_state_writes_merge_while_one_waits(
     settings: CentralSettings, pool: asyncpg.Pool, enroll: Enroll
 ) -> None:
@@ -534,13 +547,7 @@ async def test_register_state_writes_merge_while_one_waits(
     register_id = (await enroll()).register_id
     other_id = (await enroll()).register_id
     advancer = StateAdvancer(settings)
-    async with pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        # Holds the row: the advancer's upsert waits for this transaction.
-        await blocker.execute(
-            "SELECT 1 FROM register_state WHERE register_id = $1 FOR UPDATE", register_id
-        )
+    async with _state_row_locked(pool, register_id):
         advancer.note({register_id: 3})
 
         async def waiting() -> bool:
@@ -555,7 +562,6 @@ async def test_register_state_writes_merge_while_one_waits(
         await until(waiting, timeout=10)
         advancer.note({register_id: 9, other_id: 4})
         advancer.note({register_id: 5})
-        await blocking.commit()
     await asyncio.wait_for(advancer.close(), timeout=10)
     assert advancer.writes == 2
     async with pool.acquire() as conn:
@@ -601,17 +607,11 @@ async def test_register_state_writer_gives_up_a_blocked_write_on_stop(
 ) -> None:
     register_id = (await enroll()).register_id
     advancer = StateAdvancer(settings)
-    async with pool.acquire() as blocker:
-        blocking = blocker.transaction()
-        await blocking.start()
-        await blocker.execute(
-            "SELECT 1 FROM register_state WHERE register_id = $1 FOR UPDATE", register_id
-        )
+    async with _state_row_locked(pool, register_id):
         advancer.note({register_id: 7})
         started = asyncio.get_running_loop().time()
         await asyncio.wait_for(advancer.close(timeout=0.5), timeout=10)
         assert asyncio.get_running_loop().time() - started < 5
-        await blocking.rollback()
     # Given up, not written later behind the stop's back; the writer's session is gone.
     await asyncio.sleep(0.3)
     assert (

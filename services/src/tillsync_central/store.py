@@ -11,8 +11,9 @@ catalog (:mod:`tillsync_central.item_edits`), rejecting those that lost
 (``edit_conflict``) now and on every redelivery; post the new loyalty accruals and
 redemptions to the customers' balances (:mod:`tillsync_central.loyalty`); record the
 stock movements of the new receipts, refunds and voids (:mod:`tillsync_central.stock`).
-After the transaction, ``register_state`` is moved on (:func:`advance_state`): by
-:func:`store` itself, or by the ingest worker once its acks are published.
+After the transaction, ``register_state`` is moved on by :data:`ADVANCE_STATE`: by
+:func:`store` itself (:func:`advance_state`), or, for the ingest workers, by
+:class:`tillsync_central.ingest.StateAdvancer` once the batch's acks are published.
 
 The result says, per register, which seqs to acknowledge and which to reject; nothing is
 acknowledged before the transaction commits (the worker publishes after :func:`store`).
@@ -170,13 +171,14 @@ async def store(
     pool: asyncpg.Pool, inspections: Sequence[Inspection], *, advance: bool = True
 ) -> BatchResult:
     """Apply a batch in one transaction; then, unless ``advance`` is False, move
-    ``register_state`` on (:func:`advance_state`; ingest does it after publishing its
-    acks, off the documents' way back).
+    ``register_state`` on (:func:`advance_state`; ingest moves it itself after publishing
+    its acks, off the documents' way back).
 
     Raises what :func:`is_transient` calls transient (the caller retries the whole batch;
     the transaction was rolled back, or committed, which a retry finds as duplicates). If
     the batch fails for another reason, each delivery is applied alone, and one that still
-    fails becomes a dead letter with code ``store_failed``: bad input never blocks the rest.
+    fails becomes a dead letter: with central's own code when central refused it (such as
+    ``loyalty_limit``), else ``store_failed``. Bad input never blocks the rest.
     """
     result = await _store(pool, inspections)
     if advance:
