@@ -1,6 +1,6 @@
 """Stock moved by what registers sell, and its folding into ``stock_levels``.
 
-In the ingest transaction that first stores documents (:func:`record_movements`):
+In the ingest transaction that first stores documents:
 
 * a ``receipt`` takes each line's quantity out of its center's stock;
 * a ``refund`` puts each line's quantity back (its lines list the goods returned, with
@@ -12,7 +12,10 @@ In the ingest transaction that first stores documents (:func:`record_movements`)
 
 What a batch moves is summed per center and item and added to ``stock_pending``: a few
 rows per batch, insert-only, so concurrent workers never wait on each other. A
-redelivered document is a duplicate and moves nothing.
+redelivered document is a duplicate and moves nothing. The receipts' and refunds' lines
+(:func:`sale_line_columns`) are summed and inserted by the documents' own statement
+(:mod:`tillsync_central.store`), joined to the documents it stored; the voids', which
+need the receipts they name, by :func:`record_voids` after it.
 
 The reconciler's pass (:func:`fold_stock`) deletes the pending rows it can see, sums them
 per center and item, and writes each changed ``stock_levels`` row once as an ordinary
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -35,7 +39,7 @@ from .catalog import Edit, current_rows, live_state, lock_scope, write_edits
 from .catalog_models import validate_state
 from .dead_letters import Conn
 
-__all__ = ["fold_stock", "record_movements"]
+__all__ = ["fold_stock", "record_voids", "sale_line_columns"]
 
 log = structlog.get_logger(__name__)
 
@@ -88,27 +92,38 @@ FROM taken GROUP BY center_id, item_id
 """
 
 
-async def record_movements(conn: Conn, documents: Sequence[Document]) -> int:
-    """Add what newly stored documents move to ``stock_pending``; the number of lines."""
-    totals: Totals = defaultdict(int)
-    lines = 0
-    voids: list[Void] = []
+def sale_line_columns(documents: Sequence[Document]) -> list[list[Any]]:
+    """The stock lines of the receipts and refunds among ``documents``, one list per
+    column: ``register_id, seq`` (to join to the documents stored), ``center_id,
+    item_id, qty_milli`` (signed: a receipt's lines out, a refund's back)."""
+    columns: list[list[Any]] = [[], [], [], [], []]
+    register_ids, seqs, centers, items, quantities = columns
     for document in documents:
         if isinstance(document, (Receipt, Refund)):
             sign = 1 if isinstance(document, Refund) else -1
             for line in document.body.lines:
-                totals[(document.center_id, line.item_id)] += sign * line.qty_milli
-            lines += len(document.body.lines)
-        elif isinstance(document, Void):
-            voids.append(document)
-    if voids:
-        keys = (
-            [v.register_id for v in voids],
-            [v.seq for v in voids],
-            [v.body.voided_doc_id for v in voids],
-        )
-        await _put_back(conn, keys, totals)
-        await conn.execute(_WAIT, *keys)
+                register_ids.append(document.register_id)
+                seqs.append(document.seq)
+                centers.append(document.center_id)
+                items.append(line.item_id)
+                quantities.append(sign * line.qty_milli)
+    return columns
+
+
+async def record_voids(conn: Conn, documents: Sequence[Document]) -> None:
+    """Put back what the newly stored voids among ``documents`` cancel (into
+    ``stock_pending``), or keep them waiting for their receipts."""
+    voids = [d for d in documents if isinstance(d, Void)]
+    if not voids:
+        return
+    keys = (
+        [v.register_id for v in voids],
+        [v.seq for v in voids],
+        [v.body.voided_doc_id for v in voids],
+    )
+    totals: Totals = defaultdict(int)
+    await _put_back(conn, keys, totals)
+    await conn.execute(_WAIT, *keys)
     moved = [(key, qty) for key, qty in sorted(totals.items()) if qty]
     if moved:
         await conn.execute(
@@ -117,7 +132,6 @@ async def record_movements(conn: Conn, documents: Sequence[Document]) -> int:
             [item for (_, item), _ in moved],
             [qty for _, qty in moved],
         )
-    return lines
 
 
 async def _put_back(

@@ -2,16 +2,16 @@
 
 Within the transaction: look up the registers the batch mentions and finish the checks
 (:mod:`tillsync_central.intake`); insert the valid documents with ``ON CONFLICT DO
-NOTHING`` (array parameters and ``unnest``: one statement per table, whatever the batch
-size); classify what was not inserted by comparing content hashes (same bytes: a
-duplicate, acknowledged again; different bytes: a conflict, recorded and rejected, the
-stored document untouched); fill the typed tables (receipts, shifts) for what was new;
-keep refused deliveries as dead letters; apply the new ``item_edit`` documents to the
-catalog (:mod:`tillsync_central.item_edits`), rejecting those that lost
-(``edit_conflict``) now and on every redelivery; post the new loyalty accruals and
-redemptions to the customers' balances (:mod:`tillsync_central.loyalty`); record the
-stock movements of the new receipts, refunds and voids (:mod:`tillsync_central.stock`).
-After the transaction, ``register_state`` is moved on by :data:`ADVANCE_STATE`: by
+NOTHING`` (array parameters and ``unnest``, whatever the batch size), in the same
+statement as the receipts rows and the stock lines of those it stored; classify what was
+not inserted by comparing content hashes (same bytes: a duplicate, acknowledged again;
+different bytes: a conflict, recorded and rejected, the stored document untouched); fill
+the shifts for what was new; keep refused deliveries as dead letters; apply the new
+``item_edit`` documents to the catalog (:mod:`tillsync_central.item_edits`), rejecting
+those that lost (``edit_conflict``) now and on every redelivery; post the new loyalty
+accruals and redemptions to the customers' balances (:mod:`tillsync_central.loyalty`);
+record the stock movements of the new voids (:mod:`tillsync_central.stock`). After the
+transaction, ``register_state`` is moved on by :data:`ADVANCE_STATE`: by
 :func:`store` itself (:func:`advance_state`), or, for the ingest workers, by
 :class:`tillsync_central.ingest.StateAdvancer` once the batch's acks are published.
 
@@ -38,6 +38,8 @@ from tillsync_protocol import (
     ConflictError,
     Document,
     ItemEdit,
+    Receipt,
+    Refund,
     Rejection,
     TillsyncError,
 )
@@ -48,7 +50,7 @@ from .dead_letters import Conn, DeadLetter, insert_dead_letters
 from .intake import Inspection, RegisterRow, attribute, check_register, register_of_user
 from .item_edits import apply_item_edits, edit_scopes, previous_refusals
 from .loyalty import loyalty_scopes, post_loyalty
-from .stock import record_movements
+from .stock import record_voids, sale_line_columns
 
 __all__ = ["ADVANCE_STATE", "BatchResult", "advance_state", "is_transient", "store"]
 
@@ -59,17 +61,43 @@ _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
 _REGISTERS = """
 SELECT register_id, center_id, revoked_at FROM registers WHERE register_id = ANY($1::text[])
 """
+# One statement, so one round trip, stores a round's documents and, for those it stored
+# (not the duplicates or conflicts), their receipts rows (typed_rows.receipt_columns) and
+# their stock lines summed per center and item (stock.sale_line_columns). The receipts'
+# foreign key to documents is checked at the end of the statement, when the documents'
+# rows are there.
 _INSERT_DOCUMENTS = """
-INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at, payload,
-                       payload_json, content_hash)
-SELECT u.register_id, u.seq, u.doc_id, u.center_id, u.doc_type, u.created_at, u.payload,
-       u.payload_json::jsonb, u.content_hash
-FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
-            $6::timestamptz[], $7::bytea[], $8::text[], $9::bytea[])
-     AS u(register_id, seq, doc_id, center_id, doc_type, created_at, payload, payload_json,
-          content_hash)
-ON CONFLICT DO NOTHING
-RETURNING register_id, seq
+WITH new AS (
+    INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at, payload,
+                           payload_json, content_hash)
+    SELECT u.register_id, u.seq, u.doc_id, u.center_id, u.doc_type, u.created_at, u.payload,
+           u.payload_json::jsonb, u.content_hash
+    FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
+                $6::timestamptz[], $7::bytea[], $8::text[], $9::bytea[])
+         AS u(register_id, seq, doc_id, center_id, doc_type, created_at, payload, payload_json,
+              content_hash)
+    ON CONFLICT DO NOTHING
+    RETURNING register_id, seq
+), new_receipts AS (
+    INSERT INTO receipts (register_id, seq, doc_id, center_id, kind, receipt_no, shift_no,
+                          currency, total, line_count, customer_id, created_at)
+    SELECT r.*
+    FROM unnest($10::text[], $11::bigint[], $12::uuid[], $13::text[], $14::text[],
+                $15::text[], $16::bigint[], $17::text[], $18::bigint[], $19::integer[],
+                $20::text[], $21::timestamptz[])
+         AS r(register_id, seq, doc_id, center_id, kind, receipt_no, shift_no, currency, total,
+              line_count, customer_id, created_at)
+    JOIN new USING (register_id, seq)
+), moved AS (
+    INSERT INTO stock_pending (center_id, item_id, qty_milli)
+    SELECT l.center_id, l.item_id, sum(l.qty_milli)
+    FROM unnest($22::text[], $23::bigint[], $24::text[], $25::text[], $26::bigint[])
+         AS l(register_id, seq, center_id, item_id, qty_milli)
+    JOIN new USING (register_id, seq)
+    GROUP BY l.center_id, l.item_id
+    HAVING sum(l.qty_milli) <> 0
+)
+SELECT register_id, seq FROM new
 """
 _EXISTING_BY_KEY = """
 SELECT d.register_id, d.seq, d.content_hash
@@ -327,14 +355,17 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
                 round_items.append(item)
         new.extend(await _store_round(conn, round_items, result, duplicates))
         pending = later
-    await typed_rows.insert(conn, [item.document for item in new])
+    documents = [item.document for item in new]
+    await typed_rows.insert_shifts(conn, documents)
     for item in [*new, *duplicates]:
         register_id, seq = item.key
         result.stored_through[register_id] = max(seq, result.stored_through.get(register_id, 0))
-    documents = [item.document for item in new]
     balances = await _lock_catalog_scopes(conn, documents)
     result.loyalty_posted += len(await post_loyalty(conn, documents, balances))
-    result.stock_lines += await record_movements(conn, documents)
+    await record_voids(conn, documents)
+    result.stock_lines += sum(
+        len(d.body.lines) for d in documents if isinstance(d, (Receipt, Refund))
+    )
     await _settle_item_edits(conn, new, duplicates, result)
 
 
@@ -433,6 +464,8 @@ async def _insert_documents(conn: Conn, items: list[_Valid]) -> set[tuple[str, i
         # of the time (tests/protocol/test_properties.py holds it for every type).
         [d.model_dump_json() for d in docs],
         [item.content_hash for item in items],
+        *typed_rows.receipt_columns(docs),
+        *sale_line_columns(docs),
     )
     return {(row["register_id"], row["seq"]) for row in rows}
 

@@ -1,5 +1,8 @@
 """The typed tables filled from newly stored documents: receipts and shifts.
 
+The receipts' rows are inserted with the documents, in one statement
+(:func:`receipt_columns`); the shifts' by :func:`insert_shifts` after them.
+
 ``receipts`` has one row per receipt or refund. ``shifts`` has one row per register and
 shift number, opened by its ``shift_open`` and completed by its ``shift_close``
 (Z-report totals); they may arrive in either order, so each upserts only its own columns,
@@ -18,17 +21,11 @@ from tillsync_protocol import Document, Receipt, Refund, ShiftClose, ShiftOpen
 
 from .dead_letters import Conn
 
-__all__ = ["insert", "timestamp"]
+__all__ = ["insert_shifts", "receipt_columns", "timestamp"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-_INSERT_RECEIPTS = """
-INSERT INTO receipts (register_id, seq, doc_id, center_id, kind, receipt_no, shift_no,
-                      currency, total, line_count, customer_id, created_at)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::uuid[], $4::text[], $5::text[],
-                     $6::text[], $7::bigint[], $8::text[], $9::bigint[], $10::integer[],
-                     $11::text[], $12::timestamptz[])
-"""
+_RECEIPT_WIDTH = 12
 _OPEN_SHIFTS = """
 INSERT INTO shifts AS s (register_id, shift_no, center_id, currency, opened_seq, opened_at,
                          opening_float)
@@ -85,30 +82,38 @@ def _first_per_shift(documents: Sequence[Document]) -> list[Document]:
     return sorted(chosen.values(), key=lambda d: (d.register_id, d.seq))
 
 
-async def insert(conn: Conn, documents: Sequence[Document]) -> None:
-    """Fill the typed tables for documents just inserted into ``documents``."""
-    receipts = [d for d in documents if isinstance(d, (Receipt, Refund))]
+def receipt_columns(documents: Sequence[Document]) -> list[list[Any]]:
+    """The ``receipts`` rows of the receipts and refunds among ``documents``, one list per
+    column (``register_id, seq, doc_id, center_id, kind, receipt_no, shift_no, currency,
+    total, line_count, customer_id, created_at``) for an ``unnest`` insert.
+    :mod:`tillsync_central.store` inserts them in the documents' own statement, joined to
+    the documents that statement stored, so a duplicate gets no second row."""
+    rows = [
+        (
+            d.register_id,
+            d.seq,
+            d.doc_id,
+            d.center_id,
+            d.type,
+            d.body.receipt_no,
+            d.body.shift_no,
+            d.body.currency,
+            d.body.total,
+            len(d.body.lines),
+            d.body.customer_id,
+            timestamp(d.created_at),
+        )
+        for d in documents
+        if isinstance(d, (Receipt, Refund))
+    ]
+    return _columns(rows, _RECEIPT_WIDTH)
+
+
+async def insert_shifts(conn: Conn, documents: Sequence[Document]) -> None:
+    """Fill ``shifts`` for the shift opens and closes among documents just inserted into
+    ``documents``."""
     opens = _first_per_shift([d for d in documents if isinstance(d, ShiftOpen)])
     closes = _first_per_shift([d for d in documents if isinstance(d, ShiftClose)])
-    if receipts:
-        rows = [
-            (
-                d.register_id,
-                d.seq,
-                d.doc_id,
-                d.center_id,
-                d.type,
-                d.body.receipt_no,
-                d.body.shift_no,
-                d.body.currency,
-                d.body.total,
-                len(d.body.lines),
-                d.body.customer_id,
-                timestamp(d.created_at),
-            )
-            for d in receipts
-        ]
-        await conn.execute(_INSERT_RECEIPTS, *_columns(rows, 12))
     if opens:
         open_rows = [
             (

@@ -1,0 +1,122 @@
+"""One ingest batch applied by :func:`tillsync_central.store.store` (real PostgreSQL):
+the documents, their receipts rows and their stock lines are written by one statement,
+for the documents that statement stored and for no other (a duplicate, a conflict, a
+key repeated within the batch, a refused delivery)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from central.conftest import Enroll, new_id
+from central.tills import canonical, raw_document, receipt_body
+from tillsync_central.intake import Delivery, inspect
+from tillsync_central.store import store
+from tillsync_protocol import topology
+
+
+def _sale(n: int, lines: list[tuple[str, int]]) -> dict[str, Any]:
+    """A receipt body of 1.00 a line; the quantities are what stock counts."""
+    body = receipt_body(n, total=100 * len(lines))
+    template = body["lines"][0]
+    body["lines"] = [
+        {**template, "line_no": i + 1, "item_id": item, "qty_milli": qty, "total": 100}
+        for i, (item, qty) in enumerate(lines)
+    ]
+    return body
+
+
+class _Register:
+    def __init__(self, center_id: str, register_id: str, broker_user: str) -> None:
+        self.center_id, self.register_id, self.broker_user = center_id, register_id, broker_user
+
+    def delivery(self, seq: int, doc_type: str, body: dict[str, Any]) -> Delivery:
+        raw = raw_document(self.center_id, self.register_id, seq, doc_type, body)
+        return Delivery(
+            body=canonical(raw),
+            routing_key=topology.document_key(self.center_id, self.register_id, doc_type),
+            user_id=self.broker_user,
+            message_id=raw["doc_id"],
+            headers={},
+        )
+
+
+async def _stock_pending(pool: asyncpg.Pool) -> dict[tuple[str, str], int]:
+    rows = await pool.fetch(
+        "SELECT center_id, item_id, sum(qty_milli)::bigint AS qty FROM stock_pending GROUP BY 1, 2"
+    )
+    return {(r["center_id"], r["item_id"]): r["qty"] for r in rows}
+
+
+async def test_receipts_rows_and_stock_lines_come_only_with_the_documents_stored(
+    enroll: Enroll, pool: asyncpg.Pool
+) -> None:
+    center = new_id("c")
+    enrollment = await enroll(center)
+    till = _Register(center, enrollment.register_id, enrollment.broker_user)
+    first = till.delivery(1, "receipt", _sale(1, [("bread", 2_000)]))
+    before = await store(pool, [inspect(first)])
+    assert (before.stored, before.stock_lines) == (1, 1)
+
+    # Every kind in one batch: a resend of seq 1 (a duplicate), seq 1 again with other
+    # content (a conflict), a new receipt of two lines, a refund, a cash movement (no
+    # receipt row, no stock), seq 5 twice with different content (the second one is
+    # judged in a later round, against the first), and a delivery of a stranger.
+    stranger = Delivery(first.body, first.routing_key, "nobody", None, {})
+    cash = {
+        "shift_no": 1,
+        "direction": "in",
+        "amount": 1_000,
+        "currency": "CZK",
+        "employee_id": "emp-1",
+        "reason": "float",
+    }
+    batch = [
+        first,
+        till.delivery(1, "receipt", _sale(1, [("bread", 9_000), ("milk", 1)])),
+        till.delivery(2, "receipt", _sale(2, [("bread", 1_000), ("milk", 3_000)])),
+        till.delivery(3, "refund", {**_sale(3, [("milk", 500)]), "reason": "sour"}),
+        till.delivery(4, "cash_movement", cash),
+        till.delivery(5, "receipt", _sale(5, [("milk", 1_000)])),
+        till.delivery(5, "receipt", _sale(5, [("milk", 7_000), ("tea", 1)])),
+        stranger,
+    ]
+    result = await store(pool, [inspect(d) for d in batch])
+
+    assert (result.stored, result.duplicates, result.conflicts, result.refused) == (4, 1, 2, 1)
+    assert result.accepted[till.register_id] == {1, 2, 3, 4, 5}
+    assert sorted(r.seq for r in result.rejected[till.register_id]) == [1, 5]
+    assert result.stock_lines == 4  # 2 (seq 2) + 1 (seq 3) + 1 (seq 5): stored ones only
+    receipts = await pool.fetch(
+        "SELECT seq, kind, total, line_count FROM receipts WHERE register_id = $1 ORDER BY seq",
+        till.register_id,
+    )
+    assert [tuple(r) for r in receipts] == [
+        (1, "receipt", 100, 1),  # the first content kept
+        (2, "receipt", 200, 2),
+        (3, "refund", 100, 1),
+        (5, "receipt", 100, 1),  # the first of the two in the batch
+    ]
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM documents WHERE register_id = $1", till.register_id
+    )
+    assert stored == 5 == len(receipts) + 1  # and the cash movement
+    # bread: -2 (seq 1) -1 (seq 2); milk: -3 (seq 2) +0.5 (refund) -1 (seq 5)
+    assert await _stock_pending(pool) == {(center, "bread"): -3_000, (center, "milk"): -3_500}
+
+
+async def test_lines_that_cancel_out_within_a_batch_write_no_stock_row(
+    enroll: Enroll, pool: asyncpg.Pool
+) -> None:
+    center = new_id("c")
+    enrollment = await enroll(center)
+    till = _Register(center, enrollment.register_id, enrollment.broker_user)
+    batch = [
+        till.delivery(1, "receipt", _sale(1, [("tea", 1_000), ("jam", 2_000)])),
+        till.delivery(2, "refund", {**_sale(2, [("tea", 1_000)]), "reason": "spare"}),
+    ]
+    result = await store(pool, [inspect(d) for d in batch])
+    assert (result.stored, result.stock_lines) == (2, 3)
+    assert await _stock_pending(pool) == {(center, "jam"): -2_000}
+    assert await pool.fetchval("SELECT count(*) FROM stock_pending") == 1
