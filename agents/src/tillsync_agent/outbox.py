@@ -7,6 +7,20 @@ the same transaction updates, so they are exact at every moment and O(1) to read
 Submits that arrive together are committed together ("group commit"): the caller that
 gets the write lock writes every queued submit in one transaction, and each caller gets
 its own result or its own error.
+
+The sender's round costs as few trips to the SQLite thread as it can (each costs a thread
+and an event-loop wake-up; docs/performance.md, "Fourth session"):
+
+* :meth:`take_due` hands the sender the rows committed since its last look straight from
+  memory (the outbox has their payloads at submit time) as long as nothing older can be
+  due: it reads the table only after :meth:`make_due`, a shift close, an overflow, or
+  when the earliest resend time it knows of has come.
+* :meth:`mark_published` writes nothing at once: the records ride in the next
+  transaction that takes the write lock (central's ack, a submit, the next table read),
+  applied *before* that transaction's own statements, or after ``MARKS_FLUSH_S`` in one
+  of their own committed with ``synchronous=NORMAL``. Losing them (a crash, a power
+  loss) only makes those rows due again: they are published again and central
+  deduplicates them, as after any restart, which resends everything open anyway.
 """
 
 from __future__ import annotations
@@ -35,9 +49,12 @@ from tillsync_protocol import (
 
 from .store import Store, rollback, transaction
 
-__all__ = ["Counts", "Outbox", "OutboxRow", "Submitted", "now_ms"]
+__all__ = ["MARKS_FLUSH_S", "Counts", "Outbox", "OutboxRow", "Submitted", "now_ms"]
 
 T = TypeVar("T")
+
+MARKS_FLUSH_S = 1.0
+"""Publish records not carried by another transaction within this time get one of their own."""
 
 
 def now_ms() -> int:
@@ -81,6 +98,10 @@ WHERE state IN ('pending', 'published') AND next_attempt_at <= ?
 ORDER BY seq LIMIT ?
 """
 _NEXT_DUE = "SELECT MIN(next_attempt_at) FROM outbox WHERE state IN ('pending', 'published')"
+_NEXT_DUE_AFTER = """
+SELECT MIN(next_attempt_at) FROM outbox
+WHERE state IN ('pending', 'published') AND next_attempt_at > ?
+"""
 _INSERT = """
 INSERT INTO outbox (seq, doc_id, doc_type, created_at, shift_no, payload, state, next_attempt_at)
 VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)
@@ -149,6 +170,18 @@ class Outbox:
         self._counts = Counts(0, 0, 0, 0)
         self.changed = asyncio.Event()
         """Set whenever there may be something new to publish."""
+        # The sender's view, valid while _fresh is not None: every open row is either in
+        # _fresh (committed since the sender last read the table, in seq order, due now),
+        # or handed to the sender and not yet recorded (_handed_out), or due at _wake_at
+        # or later (None: never). Whatever else can make a row due sets _fresh to None.
+        self._fresh: list[OutboxRow] | None = None
+        self._fresh_limit = 0
+        self._wake_at: int | None = None
+        self._handed_out = False
+        # Publish records not yet written: _MARK_PUBLISHED parameters, agent_state values.
+        self._marks: list[tuple[int, int, int]] = []
+        self._marks_state: dict[str, str | None] = {}
+        self._flusher: asyncio.Task[None] | None = None
 
     async def load(self) -> None:
         """Read the counters (after the store is opened)."""
@@ -273,6 +306,10 @@ class Outbox:
         self._counts = Counts(
             document.seq, counts.pending + 1, counts.acknowledged, counts.rejected
         )
+        self._add_fresh(
+            [OutboxRow(document.seq, document.doc_id, document.type, payload, 0)],
+            shift_closed=document.type == "shift_close",
+        )
         return submitted
 
     async def _write(self, batch: Sequence[_Request]) -> None:
@@ -304,8 +341,11 @@ class Outbox:
         if not rows:
             return
         last_seq = seq
+        marks = self._take_marks()
 
         def work(db: sqlite3.Connection) -> None:
+            if marks is not None:
+                marks(db)
             db.executemany(_INSERT, rows)
             # A shift close triggers a check of the whole shift: resend what is still open.
             for shift_no in shifts_closed:
@@ -324,9 +364,22 @@ class Outbox:
         self._counts = Counts(
             last_seq, counts.pending + len(rows), counts.acknowledged, counts.rejected
         )
+        self._add_fresh(
+            [OutboxRow(r[0], r[1], r[2], r[5], 0) for r in rows], shift_closed=bool(shifts_closed)
+        )
         for request, submitted in accepted:
             request.future.set_result(submitted)
         self.changed.set()
+
+    def _add_fresh(self, rows: list[OutboxRow], *, shift_closed: bool) -> None:
+        """Rows just committed (under the write lock): the sender's view gains them, or is
+        dropped if they overflow it or a shift close made older rows due."""
+        if self._fresh is None:
+            return
+        if shift_closed or len(self._fresh) + len(rows) > self._fresh_limit:
+            self._fresh = None
+        else:
+            self._fresh.extend(rows)
 
     def _build(self, doc_type: str, body: Mapping[str, Any], seq: int, now: int) -> Document:
         message = validate(
@@ -348,7 +401,7 @@ class Outbox:
     # -- sending ------------------------------------------------------------------------
 
     async def due(self, limit: int, now: int | None = None) -> list[OutboxRow]:
-        """Rows to publish now, in seq order.
+        """Rows to publish now, in seq order (read from the table, publish records first).
 
         Read under the write lock: :meth:`submit_with` inserts its row in a transaction of
         several steps on the same connection, and a read between two of them would see
@@ -356,11 +409,63 @@ class Outbox:
         document."""
         at = now_ms() if now is None else now
         async with self._lock:
-            rows = await self._store.in_thread(lambda db: db.execute(_DUE, (at, limit)).fetchall())
-        return [OutboxRow(*row) for row in rows]
+            rows, _ = await self._read_due(limit, at)
+        return rows
+
+    async def take_due(self, limit: int) -> list[OutboxRow]:
+        """The sender's next round: what :meth:`due` would return, without a trip to the
+        SQLite thread when the rows committed since the last read are all there is.
+
+        The rows handed out must be recorded (:meth:`mark_published`, :meth:`mark_failed`)
+        before the next call, or that call reads the table again."""
+        now = now_ms()
+        fresh = self._fresh
+        if (
+            fresh is not None
+            and not self._handed_out
+            and self._fresh_limit == limit
+            and (self._wake_at is None or now < self._wake_at)
+        ):
+            self._fresh = []
+            self._handed_out = bool(fresh)
+            return fresh
+        async with self._lock:
+            self._fresh = None
+            rows, wake_at = await self._read_due(limit, now)
+            if len(rows) < limit:
+                # Everything due is in hand; what commits from now on is added to _fresh.
+                self._fresh, self._fresh_limit, self._wake_at = [], limit, wake_at
+        self._handed_out = bool(rows)
+        return rows
+
+    async def _read_due(self, limit: int, at: int) -> tuple[list[OutboxRow], int | None]:
+        """Under the write lock: the due rows and the earliest later resend time, in one
+        trip (the pending publish records committed first, not durably)."""
+        marks = self._take_marks()
+
+        def read(db: sqlite3.Connection) -> tuple[list[Any], int | None]:
+            if marks is not None:
+                transaction(db, marks, durable=False)
+            rows = db.execute(_DUE, (at, limit)).fetchall()
+            (wake_at,) = db.execute(_NEXT_DUE_AFTER, (at,)).fetchone()
+            return rows, wake_at
+
+        rows, wake_at = await self._store.in_thread(read)
+        return [OutboxRow(*row) for row in rows], wake_at
 
     async def next_due_at(self) -> int | None:
-        row = await self._store.in_thread(lambda db: db.execute(_NEXT_DUE).fetchone())
+        """When the earliest open row is due (ms), None if there is none."""
+        if self._fresh is not None and not self._handed_out:
+            return now_ms() if self._fresh else self._wake_at
+        async with self._lock:
+            marks = self._take_marks()
+
+            def read(db: sqlite3.Connection) -> Any:
+                if marks is not None:
+                    transaction(db, marks, durable=False)
+                return db.execute(_NEXT_DUE).fetchone()
+
+            row = await self._store.in_thread(read)
         return None if row is None else row[0]
 
     async def mark_published(
@@ -370,25 +475,79 @@ class Outbox:
         state: Mapping[str, str | None] | None = None,
     ) -> None:
         """``published`` is ``(seq, next_attempt_at)`` for each confirmed publish; ``state``
-        (agent_state keys) is written in the same transaction."""
-        statements: list[tuple[str, Sequence[Sequence[Any]]]] = [
-            (_MARK_PUBLISHED, [(now, next_at, seq) for seq, next_at in published])
-        ]
+        (agent_state keys) is written with them.
+
+        Not written at once: the records go with the next transaction on the connection
+        (see the module's docstring), at the latest ``MARKS_FLUSH_S`` later."""
+        self._marks.extend((now, next_at, seq) for seq, next_at in published)
         if state:
-            statements.append((_SET_STATE, list(state.items())))
-        await self._transaction(statements)
+            self._marks_state.update(state)
+        self._recorded(next_at for _, next_at in published)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def mark_failed(self, failed: Sequence[tuple[int, int]]) -> None:
         """``failed`` is ``(seq, next_attempt_at)``: not confirmed, try again then."""
         await self._transaction([(_MARK_FAILED, [(next_at, seq) for seq, next_at in failed])])
+        self._recorded(next_at for _, next_at in failed)
+
+    def _recorded(self, next_attempts: Iterable[int]) -> None:
+        """The sender recorded its round: the rows are due again at these times."""
+        self._handed_out = False
+        earliest = min(next_attempts, default=None)
+        if earliest is not None and (self._wake_at is None or earliest < self._wake_at):
+            self._wake_at = earliest
+
+    def _take_marks(self) -> Callable[[sqlite3.Connection], None] | None:
+        """The pending publish records as work for the transaction about to run (called
+        under the write lock, on the loop). A transaction that fails loses them: the rows
+        stay due in the table and are published again at the latest when the sender reads
+        it next (duplicates central drops, never a loss)."""
+        if not self._marks and not self._marks_state:
+            return None
+        marks, self._marks = self._marks, []
+        state, self._marks_state = list(self._marks_state.items()), {}
+
+        def apply(db: sqlite3.Connection) -> None:
+            if marks:
+                db.executemany(_MARK_PUBLISHED, marks)
+            if state:
+                db.executemany(_SET_STATE, state)
+
+        return apply
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(MARKS_FLUSH_S)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Write the pending publish records now (not durably; see the module's docstring)."""
+        await self._exclusive(self._flush_marks)
+
+    async def _flush_marks(self) -> None:
+        if not self._store.is_open:
+            return
+        marks = self._take_marks()
+        if marks is not None:
+            await self._store.in_thread(lambda db: transaction(db, marks, durable=False))
+
+    async def close(self) -> None:
+        """Write the pending publish records and stop the timer (before the store closes)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._flusher = None
+        await self.flush()
 
     async def make_due(self, *, first: int | None = None, last: int | None = None) -> None:
         """Make open rows (all, or a seq range) due now: reconnect, sweep, resend request."""
         now = now_ms()
+        self._fresh = None
         if first is None or last is None:
             await self._transaction([(_ALL_DUE, [(now,)])])
         else:
             await self._transaction([(_RANGE_DUE, [(now, first, last)])])
+        self._fresh = None  # also if the sender read the table meanwhile: read it again
         self.changed.set()
 
     async def apply_ack(self, ack: AckBody) -> tuple[int, int]:
@@ -419,8 +578,12 @@ class Outbox:
 
     async def _apply_acks(self, acks: Sequence[AckBody]) -> list[tuple[int, int]]:
         now = now_ms()
+        # The publish records first: an ack usually follows its confirm within milliseconds.
+        marks = self._take_marks()
 
         def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
+            if marks is not None:
+                marks(db)
             results: list[tuple[int, int]] = []
             for ack in acks:
                 acked_one = rejected_one = 0
@@ -489,7 +652,12 @@ class Outbox:
         await self._exclusive(lambda: self._run(statements))
 
     async def _run(self, statements: Sequence[tuple[str, Sequence[Sequence[Any]]]]) -> None:
+        # The publish records first: a make_due after them must win over their resend times.
+        marks = self._take_marks()
+
         def work(db: sqlite3.Connection) -> None:
+            if marks is not None:
+                marks(db)
             for sql, params in statements:
                 db.executemany(sql, params)
 

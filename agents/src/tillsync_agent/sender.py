@@ -52,15 +52,20 @@ class Sender:
         Everything still open is made due first: a reconnect or a start-up resends at once.
         """
         await self._outbox.make_due()
-        while not closed.is_set() and not stopping.is_set():
-            self._outbox.changed.clear()
-            rows = await self._outbox.due(self._settings.max_in_flight)
-            if rows:
-                await self._publish(exchange, rows)
-                continue
-            await _wait_any(
-                (self._outbox.changed, closed, stopping), timeout=await self._idle_timeout()
-            )
+        try:
+            while not closed.is_set() and not stopping.is_set():
+                self._outbox.changed.clear()
+                # Usually from memory: the rows submitted since the last round (take_due).
+                rows = await self._outbox.take_due(self._settings.max_in_flight)
+                if rows:
+                    await self._publish(exchange, rows)
+                    continue
+                await _wait_any(
+                    (self._outbox.changed, closed, stopping), timeout=await self._idle_timeout()
+                )
+        finally:
+            # The publish records not written yet (Outbox.mark_published), before a stop.
+            await self._outbox.close()
 
     async def _idle_timeout(self) -> float:
         next_due = await self._outbox.next_due_at()

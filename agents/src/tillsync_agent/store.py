@@ -177,6 +177,10 @@ class Store:
         """Held by every write transaction on :attr:`db` (the outbox's and :meth:`write`)."""
 
     @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    @property
     def db(self) -> aiosqlite.Connection:
         if self._db is None:
             raise RuntimeError("store is not open")
@@ -313,17 +317,33 @@ async def rollback(db: aiosqlite.Connection) -> None:
         pass
 
 
-def transaction(db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+def transaction(
+    db: sqlite3.Connection, work: Callable[[sqlite3.Connection], T], *, durable: bool = True
+) -> T:
     """``work`` in one ``BEGIN IMMEDIATE`` … ``COMMIT`` (rolled back on any error); runs
-    on the connection's thread."""
-    db.execute("BEGIN IMMEDIATE")
+    on the connection's thread.
+
+    ``durable=False`` commits this one transaction with ``synchronous=NORMAL`` (no fsync of
+    the WAL) and restores ``FULL`` after it, for writes that may be lost and are redone
+    (the sender's publish records). In WAL mode that is still crash-safe: an application
+    crash (SIGKILL) loses nothing, a power loss may take back only the last commits, and
+    never corrupts the file; the WAL is append-only, so the next ``FULL`` commit's fsync
+    makes this transaction durable as well (SQLite's ``PRAGMA synchronous`` and WAL
+    documentation)."""
+    if not durable:
+        db.execute("PRAGMA synchronous=NORMAL")
     try:
-        result = work(db)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    finally:
+        if not durable:
+            db.execute("PRAGMA synchronous=FULL")
     return result
 
 
