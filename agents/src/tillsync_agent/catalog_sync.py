@@ -32,6 +32,7 @@ from tillsync_protocol import (
     ReinitBody,
     TillsyncError,
 )
+from tillsync_protocol.codec import CheckedDeltaPage
 
 from .delta_rpc import (
     DeltaRpc,
@@ -225,7 +226,7 @@ class CatalogSync:
             return
         await self._apply(changes)
 
-    def on_reply(self, reply: DeltaPage | DeltaEnd) -> None:
+    def on_reply(self, reply: DeltaPage | CheckedDeltaPage | DeltaEnd) -> None:
         self._rpc.on_reply(reply)
 
     async def _apply(self, changes: list[CatalogChangeBody]) -> None:

@@ -35,7 +35,7 @@ from tillsync_protocol import (
     encode,
     topology,
 )
-from tillsync_protocol.codec import without_collection
+from tillsync_protocol.codec import CheckedDeltaPage, without_collection
 
 from .history import SyncKind
 from .outbox import now_ms
@@ -125,19 +125,24 @@ class DeltaRpc:
         self._link_lost = link_lost
         self._replies: dict[str, asyncio.Queue[StagedPage | DeltaEnd]] = {}
 
-    def on_reply(self, reply: DeltaPage | DeltaEnd) -> None:
-        request_id = reply.body.request_id
+    def on_reply(self, reply: DeltaPage | CheckedDeltaPage | DeltaEnd) -> None:
+        """A reply to a request: a page (decoded, or checked as ``decode_control_pages``
+        gives it) is turned into rows at once and waits for staging; the end waits as is."""
+        request_id = (
+            reply.request_id if isinstance(reply, CheckedDeltaPage) else reply.body.request_id
+        )
         queue = self._replies.get(request_id)
         if queue is None:
             log.debug("reply to a request no longer waited for", request_id=request_id)
             return
-        if isinstance(reply, DeltaPage):
+        if not isinstance(reply, DeltaEnd):
             # Pages can arrive faster than they are staged: what waits is plain rows, not
             # thousands of models that every full garbage collection would walk. The rows
             # are made with the collector paused, as the page was decoded (see
             # without_collection: a page's rows are 3,000 tuples that all survive).
             try:
-                staged = without_collection(self._replica.shadow_rows, request_id, reply.body)
+                page = reply if isinstance(reply, CheckedDeltaPage) else reply.body
+                staged = without_collection(self._replica.shadow_rows, request_id, page)
             except NotStagedError as exc:  # the replica stages another request: not ours
                 log.warning("reply to a request not being staged", error=str(exc))
                 return

@@ -37,6 +37,7 @@ from tillsync_protocol import (
     DeltaPageBody,
     TillsyncError,
 )
+from tillsync_protocol.codec import CheckedDeltaPage
 from tillsync_protocol.control import CatalogValue
 
 from .catalog_events import CatalogEvent, CatalogEvents, CatalogSubscription, EventSource
@@ -416,44 +417,60 @@ class Replica(CatalogReader):
         await self.stage_rows([staged])
         return staged.foreign
 
-    def shadow_rows(self, request_id: str, page: DeltaPageBody) -> StagedPage:
-        """A page of the request being staged as the rows :meth:`stage_rows` writes."""
+    def shadow_rows(self, request_id: str, page: DeltaPageBody | CheckedDeltaPage) -> StagedPage:
+        """A page of the request being staged as the rows :meth:`stage_rows` writes: the
+        decoded model, or the same page checked without its models (what the service
+        stages: ``codec.decode_control_pages``); both give the same rows."""
         staging = self._staging_of(request_id)
-        scopes = self.scopes
-        changes = [c for c in page.changes if c.scope in scopes]
-        foreign = len(page.changes) - len(changes)
-        filtering = bool(self.labels)
-        if staging.mode != "replace":
-            rows: list[ShadowRow] = [
-                (
-                    page.page_no,
-                    idx,
-                    c.entity,
-                    c.key,
-                    c.scope,
-                    c.op,
-                    c.version,
-                    c.scope_seq,
-                    None if c.op == "delete" else _json(c.state),
-                    int(c.op == "delete" or not filtering or self.keeps(c.entity, c.state)),
-                )
-                for idx, c in enumerate(changes)
+        if isinstance(page, CheckedDeltaPage):
+            changes = page.changes
+        else:
+            changes = [
+                (c.scope, c.scope_seq, c.entity, c.key, c.op, c.version, c.state)
+                for c in page.changes
             ]
-            return StagedPage(request_id, page.page_no, len(page.changes), foreign, rows=rows)
+        scopes = self.scopes
+        filtering = bool(self.labels)
+        keeps = self.keeps
+        page_no = page.page_no
+        foreign = 0
+        if staging.mode != "replace":
+            rows: list[ShadowRow] = []
+            add = rows.append
+            for scope, seq, entity, key, op, version, state in changes:
+                if scope not in scopes:
+                    foreign += 1
+                    continue
+                delete = op == "delete"
+                add(
+                    (
+                        page_no,
+                        len(rows),
+                        entity,
+                        key,
+                        scope,
+                        op,
+                        version,
+                        seq,
+                        None if delete else _json(state),
+                        int(delete or not filtering or keeps(entity, state)),
+                    )
+                )
+            return StagedPage(request_id, page_no, len(changes), foreign, rows=rows)
         next_rows: list[NextRow] = []
         barcodes: list[BarcodeRow] = []
         drops: list[DropRow] = []
-        keeps = self.keeps
         add_row, add_barcode, add_drop = next_rows.append, barcodes.append, drops.append
         # The loop runs for every change of a reinit (110,000 in the bench): its names are
-        # locals, and _json's work is inlined (a validated state is always a plain dict).
-        for c in changes:
-            entity, key, scope, state = c.entity, c.key, c.scope, c.state
-            if c.op == "delete" or state is None or (filtering and not keeps(entity, state)):
-                add_drop((entity, key, scope, c.scope_seq))
+        # locals, and _json's work is inlined (a checked state is always a plain dict).
+        for scope, seq, entity, key, op, version, state in changes:
+            if scope not in scopes:
+                foreign += 1
                 continue
-            text = to_json(state if type(state) is dict else dict(state)).decode()
-            add_row((entity, key, scope, c.version, c.scope_seq, text))
+            if op == "delete" or state is None or (filtering and not keeps(entity, state)):
+                add_drop((entity, key, scope, seq))
+                continue
+            add_row((entity, key, scope, version, seq, to_json(state).decode()))
             if entity == "items":
                 found = state.get("barcodes")
                 if type(found) is list:
@@ -466,8 +483,8 @@ class Replica(CatalogReader):
                     barcodes.extend([(barcode, key, center) for barcode in _barcodes(state)])
         return StagedPage(
             request_id,
-            page.page_no,
-            len(page.changes),
+            page_no,
+            len(changes),
             foreign,
             next_rows=next_rows,
             barcodes=barcodes,

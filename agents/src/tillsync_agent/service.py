@@ -27,8 +27,8 @@ from tillsync_protocol import (
     ProtocolError,
     Reinit,
     ResendRequest,
-    decode_control,
 )
+from tillsync_protocol.codec import CheckedDeltaPage, decode_control_pages
 from tillsync_protocol.control import CatalogValue
 
 from . import __version__
@@ -279,7 +279,8 @@ class Agent:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         try:
-            control = decode_control(message.body)
+            # A delta page comes back checked but without its models (the same checks).
+            control = decode_control_pages(message.body)
         except ProtocolError as exc:
             log.error(
                 "undecodable message from central",
@@ -306,7 +307,7 @@ class Agent:
                 self.catalog_sync.request_delta("edit_conflict")
         elif isinstance(control, CatalogChange):
             await self.catalog_sync.on_change(control.body)
-        elif isinstance(control, (DeltaPage, DeltaEnd)):
+        elif isinstance(control, (DeltaPage, CheckedDeltaPage, DeltaEnd)):
             self.catalog_sync.on_reply(control)
         elif isinstance(control, Reinit):
             self.catalog_sync.on_reinit_command(control.body)

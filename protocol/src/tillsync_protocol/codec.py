@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ParamSpec, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import msgpack
 from pydantic import ValidationError
 
-from .control import CONTROL_TYPES
+from .catalog import ENTITIES
+from .control import CONTROL_TYPES, DeltaPage
 from .documents import DOCUMENT_TYPES
 from .envelope import PROTOCOL_VERSION, ControlMessage, Document, Message
 from .errors import (
@@ -40,8 +43,11 @@ __all__ = [
     "CONTENT_TYPE",
     "MAX_MESSAGE_SIZE",
     "MESSAGE_TYPES",
+    "ChangeRow",
+    "CheckedDeltaPage",
     "decode",
     "decode_control",
+    "decode_control_pages",
     "decode_document",
     "encode",
     "field_path",
@@ -105,6 +111,206 @@ def decode_control(data: bytes, *, max_size: int = MAX_MESSAGE_SIZE) -> ControlM
     return without_collection(_decode_kind, data, max_size, ControlMessage, CONTROL_TYPES)
 
 
+def decode_control_pages(
+    data: bytes, *, max_size: int = MAX_MESSAGE_SIZE
+) -> ControlMessage | CheckedDeltaPage:
+    """Decode a control message as :func:`decode_control` does, except that a valid
+    ``delta_page`` comes back as a :class:`CheckedDeltaPage`: the same checks, its changes
+    as tuples instead of a thousand models (what a register stages from a delta or reinit).
+
+    A page is accepted only when every check of :func:`decode_control` would pass; a page
+    the quick checks doubt in any way goes through :func:`decode_control`'s own path, so an
+    invalid page raises exactly the same error (code, field, reason).
+    """
+    return without_collection(_decode_control_pages, data, max_size)
+
+
+def _decode_control_pages(data: bytes, max_size: int) -> ControlMessage | CheckedDeltaPage:
+    raw = _unpack_only(data, max_size)
+    if raw.get("type") == "delta_page":
+        page = _checked_page(raw)
+        if page is not None:
+            return page
+    _check_tree(raw)
+    return _validate_kind(raw, ControlMessage, CONTROL_TYPES)
+
+
+ChangeRow = tuple[str, int, str, str, str, int, dict[str, Any] | None]
+"""One checked catalog change: scope, scope_seq, entity, key, op, version, state (None for
+none), the values :class:`~tillsync_protocol.CatalogChangeBody` would hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedDeltaPage:
+    """A ``delta_page`` that passed every check of :func:`decode_control`, its changes kept
+    as :data:`ChangeRow` tuples; :meth:`model` gives the :class:`DeltaPage` itself."""
+
+    type: ClassVar[str] = "delta_page"
+    v: tuple[int, int]
+    created_at: int
+    msg_id: str
+    request_id: str
+    page_no: int
+    changes: list[ChangeRow]
+
+    def model(self) -> DeltaPage:
+        """The page as :func:`decode_control` decodes it."""
+        fields = ("scope", "scope_seq", "entity", "key", "op", "version", "state")
+        return DeltaPage.model_validate(
+            {
+                "v": list(self.v),
+                "type": self.type,
+                "created_at": self.created_at,
+                "msg_id": self.msg_id,
+                "body": {
+                    "request_id": self.request_id,
+                    "page_no": self.page_no,
+                    "changes": [dict(zip(fields, change, strict=True)) for change in self.changes],
+                },
+            }
+        )
+
+
+# What _checked_page accepts, spelled out from the models' constraints (control.py,
+# money.py, envelope.py); tests/protocol/test_checked_pages.py holds the two equal.
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_SCOPE = re.compile(r"global|[a-z0-9][a-z0-9-]{0,62}")  # ScopeName, matched whole
+_PAGE_KEYS = frozenset({"v", "type", "created_at", "msg_id", "body"})
+_PAGE_BODY_KEYS = frozenset({"request_id", "page_no", "changes"})
+_ENTITY_NAMES = frozenset(ENTITIES)
+_SEQ_MAX = 2**63 - 1
+_MILLIS_MAX = 253_402_300_799_999
+_PAGE_NO_MAX = 2**31
+_PAGE_CHANGES_MAX = 5000
+_KEY_MAX = 64
+_STATE_DEPTH = 4
+"""The depth of a change's state in a page: page 0, body 1, changes 2, change 3."""
+_STATE_LEAVES = frozenset({str, int, bool, type(None)})
+"""A catalog value's leaves (``CatalogValue``): no binary, no float, no timestamp."""
+
+
+def _checked_page(raw: dict[str, Any]) -> CheckedDeltaPage | None:
+    """The page if it passes every check of the model path, else None (never an error: the
+    caller then takes that path, which reports the problem). Only exact types pass, so
+    nothing here can be a float, a timestamp or binary where the model wants otherwise."""
+    try:
+        return _check_page(raw)
+    except Exception:  # a doubt, not an error: the model path will judge
+        return None
+
+
+def _check_page(raw: dict[str, Any]) -> CheckedDeltaPage | None:
+    if raw.keys() != _PAGE_KEYS:
+        return None
+    version, created_at, msg_id, body = raw["v"], raw["created_at"], raw["msg_id"], raw["body"]
+    if type(version) is not list or len(version) != 2:
+        return None
+    major, minor = version
+    if (
+        type(major) is not int
+        or type(minor) is not int
+        or major != PROTOCOL_VERSION[0]
+        or not 0 <= minor <= PROTOCOL_VERSION[1]  # a newer minor may bring fields to drop
+        or type(created_at) is not int
+        or not 0 <= created_at <= _MILLIS_MAX
+        or type(msg_id) is not str
+        or _UUID.fullmatch(msg_id) is None
+        or type(body) is not dict
+        or body.keys() != _PAGE_BODY_KEYS
+    ):
+        return None
+    request_id, page_no, changes = body["request_id"], body["page_no"], body["changes"]
+    if (
+        type(request_id) is not str
+        or _UUID.fullmatch(request_id) is None
+        or type(page_no) is not int
+        or not 1 <= page_no <= _PAGE_NO_MAX
+        or type(changes) is not list
+        or len(changes) > _PAGE_CHANGES_MAX
+    ):
+        return None
+    rows: list[ChangeRow] = []
+    add = rows.append
+    scopes: set[str] = set()  # scopes already matched (a page has one or two)
+    entities = _ENTITY_NAMES
+    for change in changes:
+        if type(change) is not dict:
+            return None
+        scope = change["scope"]  # a missing field: KeyError, a doubt
+        seq = change["scope_seq"]
+        entity = change["entity"]
+        key = change["key"]
+        op = change["op"]
+        version = change["version"]
+        state = change.get("state")
+        if len(change) != (7 if "state" in change else 6):  # a field we do not know
+            return None
+        if (
+            type(seq) is not int
+            or not 0 < seq <= _SEQ_MAX
+            or type(version) is not int
+            or not 0 < version <= _SEQ_MAX
+            or type(key) is not str
+            or not 0 < len(key) <= _KEY_MAX
+            or type(entity) is not str
+            or entity not in entities
+            or type(op) is not str
+            or (op != "upsert" and op != "delete")
+            or type(scope) is not str
+        ):
+            return None
+        if scope not in scopes:
+            if _SCOPE.fullmatch(scope) is None:
+                return None
+            scopes.add(scope)
+        if state is not None and (type(state) is not dict or not _clean_state(state, _STATE_DEPTH)):
+            return None
+        add((scope, seq, entity, key, op, version, state))
+    return CheckedDeltaPage((major, minor), created_at, msg_id, request_id, page_no, rows)
+
+
+def _clean_state(node: dict[Any, Any], depth: int) -> bool:
+    """Whether a map at ``depth`` is a valid catalog state (or value): string keys, leaves
+    of :data:`_STATE_LEAVES`, nesting within :data:`_MAX_DEPTH` (exact types only)."""
+    if depth >= _MAX_DEPTH:
+        return False
+    leaves = _STATE_LEAVES
+    for key, value in node.items():
+        if type(key) is not str:
+            return False
+        kind = type(value)
+        if kind in leaves:
+            continue
+        if kind is dict:
+            if not _clean_state(value, depth + 1):
+                return False
+        elif kind is list:
+            if not _clean_state_list(value, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
+def _clean_state_list(node: list[Any], depth: int) -> bool:
+    if depth >= _MAX_DEPTH:
+        return False
+    leaves = _STATE_LEAVES
+    for value in node:
+        kind = type(value)
+        if kind in leaves:
+            continue
+        if kind is dict:
+            if not _clean_state(value, depth + 1):
+                return False
+        elif kind is list:
+            if not _clean_state_list(value, depth + 1):
+                return False
+        else:
+            return False
+    return True
+
+
 R = TypeVar("R")
 P = ParamSpec("P")
 
@@ -131,7 +337,10 @@ def without_collection(work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) 
 
 
 def _decode_kind(data: bytes, max_size: int, base: type[M], types: Mapping[str, type[M]]) -> M:
-    raw = _unpack(data, max_size)
+    return _validate_kind(_unpack(data, max_size), base, types)
+
+
+def _validate_kind(raw: dict[str, Any], base: type[M], types: Mapping[str, type[M]]) -> M:
     cls = _message_class(raw)
     if not issubclass(cls, base):
         raise UnknownTypeError(
@@ -142,6 +351,13 @@ def _decode_kind(data: bytes, max_size: int, base: type[M], types: Mapping[str, 
 
 
 def _unpack(data: bytes, max_size: int) -> dict[str, Any]:
+    raw = _unpack_only(data, max_size)
+    _check_tree(raw)
+    return raw
+
+
+def _unpack_only(data: bytes, max_size: int) -> dict[str, Any]:
+    """The top-level map, well-formed MessagePack, its tree not checked yet."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise MalformedError(f"expected bytes, got {type(data).__name__}")
     if len(data) > max_size:
@@ -164,7 +380,6 @@ def _unpack(data: bytes, max_size: int) -> dict[str, Any]:
         raise MalformedError(f"not valid MessagePack: {type(exc).__name__}: {exc}") from None
     if not isinstance(raw, dict):
         raise MalformedError(f"the top level must be a map, not {_wire_type(raw)}")
-    _check_tree(raw)
     return raw
 
 
