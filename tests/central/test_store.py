@@ -5,13 +5,18 @@ key repeated within the batch, a refused delivery)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 
 from central.conftest import Enroll, new_id
 from central.tills import canonical, raw_document, receipt_body
+from tillsync_central.db import create_pool
 from tillsync_central.intake import Delivery, inspect
+from tillsync_central.settings import CentralSettings
 from tillsync_central.store import store
 from tillsync_protocol import topology
 
@@ -104,6 +109,56 @@ async def test_receipts_rows_and_stock_lines_come_only_with_the_documents_stored
     assert stored == 5 == len(receipts) + 1  # and the cash movement
     # bread: -2 (seq 1) -1 (seq 2); milk: -3 (seq 2) +0.5 (refund) -1 (seq 5)
     assert await _stock_pending(pool) == {(center, "bread"): -3_000, (center, "milk"): -3_500}
+
+
+@contextlib.asynccontextmanager
+async def _logged(settings: CentralSettings) -> AsyncIterator[tuple[asyncpg.Pool, list[str]]]:
+    """central's pool whose one connection logs the statements it runs."""
+    settings = settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": 1})
+    sent: list[str] = []
+    pool = await create_pool(settings)
+    try:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: sent.append(record.query.split()[0]))
+        yield pool, sent
+    finally:
+        await pool.close()
+
+
+async def test_a_batch_of_sales_only_is_one_statement_without_begin_or_commit(
+    enroll: Enroll, settings: CentralSettings
+) -> None:
+    center = new_id("c")
+    enrollment = await enroll(center)
+    till = _Register(center, enrollment.register_id, enrollment.broker_user)
+    async with _logged(settings) as (pool, sent):
+        first = till.delivery(1, "receipt", _sale(1, [("bread", 1_000)]))
+        await store(
+            pool, [inspect(first), inspect(till.delivery(2, "receipt", _sale(2, [("jam", 1)])))]
+        )
+        batch = [
+            first,  # a duplicate
+            till.delivery(2, "receipt", _sale(2, [("bread", 5_000)])),  # a conflict
+            till.delivery(3, "refund", {**_sale(3, [("bread", 250)]), "reason": "stale"}),
+        ]
+        sent.clear()
+        result = await store(pool, [inspect(d) for d in batch], advance=False)  # as ingest
+        await asyncio.sleep(0.05)  # asyncpg calls query loggers soon after, not at once
+        # The registers, the documents statement, then what it did not store: the
+        # stored hashes of its keys, and the conflict's row. No BEGIN, no COMMIT.
+        assert sent == ["SELECT", "WITH", "SELECT", "INSERT"]
+        assert (result.stored, result.duplicates, result.conflicts) == (1, 1, 1)
+        assert await pool.fetchval("SELECT count(*) FROM conflicts") == 1
+        assert await _stock_pending(pool) == {(center, "bread"): -750, (center, "jam"): -1}
+
+        sent.clear()  # a shift close needs a transaction: it writes shifts too
+        await store(pool, [inspect(till.delivery(4, "shift_open", _shift_open()))], advance=False)
+        await asyncio.sleep(0.05)
+        assert (sent[0], sent[-1]) == ("BEGIN;", "COMMIT;")
+
+
+def _shift_open() -> dict[str, Any]:
+    return {"shift_no": 2, "employee_id": "emp-1", "currency": "CZK", "opening_float": 5_000}
 
 
 async def test_lines_that_cancel_out_within_a_batch_write_no_stock_row(

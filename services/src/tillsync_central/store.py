@@ -1,4 +1,5 @@
-"""Applying one ingest batch to PostgreSQL, in one transaction.
+"""Applying one ingest batch to PostgreSQL, in one transaction (or, for a batch of sales
+alone, in one statement: :func:`_statement_alone`).
 
 Within the transaction: look up the registers the batch mentions and finish the checks
 (:mod:`tillsync_central.intake`); insert the valid documents with ``ON CONFLICT DO
@@ -35,6 +36,7 @@ import asyncpg
 import structlog
 
 from tillsync_protocol import (
+    CashMovement,
     ConflictError,
     Document,
     ItemEdit,
@@ -137,6 +139,9 @@ SET last_received_at = now(),
     last_seq = GREATEST(s.last_seq, EXCLUDED.last_seq, {_RUN_END})
 """
 _NOT_DURABLE = "BEGIN; SET LOCAL synchronous_commit TO OFF"
+_ALONE_TYPES = (Receipt, Refund, CashMovement)
+"""The document types whose whole effect is the documents statement (with their receipts
+rows and stock lines): a batch of only these needs no transaction around it."""
 
 
 @dataclass
@@ -260,21 +265,51 @@ async def advance_state(pool: asyncpg.Pool, stored_through: dict[str, int]) -> N
 
 async def _apply(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
     result = BatchResult()
-    async with pool.acquire() as conn, conn.transaction():
-        registers = await _registers(conn, inspections)
-        valid: list[_Valid] = []
-        letters: list[DeadLetter] = []
-        for inspection in inspections:
-            error = check_register(inspection, registers)
-            if error is None and inspection.document is not None:
-                digest = hashlib.sha256(inspection.delivery.body).digest()
-                valid.append(_Valid(inspection, inspection.document, digest))
-            else:
-                error = error or TillsyncError("refused", code="refused")
-                letters.append(_refuse(result, inspection, error, registers))
-        await _store_documents(conn, valid, result)
-        await insert_dead_letters(conn, letters)
+    async with pool.acquire() as conn:
+        if _statement_alone(inspections):
+            registers = await _registers(conn, inspections)
+            if all(check_register(i, registers) is None for i in inspections):
+                await _store_documents(conn, [_valid(i) for i in inspections], result)
+                return result
+        async with conn.transaction():
+            registers = await _registers(conn, inspections)
+            valid: list[_Valid] = []
+            letters: list[DeadLetter] = []
+            for inspection in inspections:
+                error = check_register(inspection, registers)
+                if error is None and inspection.document is not None:
+                    valid.append(_valid(inspection))
+                else:
+                    error = error or TillsyncError("refused", code="refused")
+                    letters.append(_refuse(result, inspection, error, registers))
+            await _store_documents(conn, valid, result)
+            await insert_dead_letters(conn, letters)
     return result
+
+
+def _statement_alone(inspections: Sequence[Inspection]) -> bool:
+    """True when the batch's whole effect is one documents statement, which is a
+    transaction by itself: every delivery is a document of a kind that writes nothing
+    else (:data:`_ALONE_TYPES`), and no key or ``doc_id`` comes twice (one round).
+    Such a batch skips ``BEGIN`` and ``COMMIT``, two of its few round trips. What may
+    follow the statement only records what it did not store: a conflict is recorded by a
+    statement of its own (a crash before it loses nothing: the redelivery finds the
+    conflict again and records it then) and a duplicate writes nothing."""
+    keys: set[tuple[str, int]] = set()
+    doc_ids: set[str] = set()
+    for inspection in inspections:
+        document = inspection.document
+        if inspection.error is not None or not isinstance(document, _ALONE_TYPES):
+            return False
+        keys.add((document.register_id, document.seq))
+        doc_ids.add(document.doc_id)
+    return len(keys) == len(doc_ids) == len(inspections)
+
+
+def _valid(inspection: Inspection) -> _Valid:
+    assert inspection.document is not None
+    digest = hashlib.sha256(inspection.delivery.body).digest()
+    return _Valid(inspection, inspection.document, digest)
 
 
 async def _registers(conn: Conn, inspections: Sequence[Inspection]) -> dict[str, RegisterRow]:
