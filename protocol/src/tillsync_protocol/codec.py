@@ -271,7 +271,11 @@ def _check_page(raw: dict[str, Any]) -> CheckedDeltaPage | None:
 
 def _clean_state(node: dict[Any, Any], depth: int) -> bool:
     """Whether a map at ``depth`` is a valid catalog state (or value): string keys, leaves
-    of :data:`_STATE_LEAVES`, nesting within :data:`_MAX_DEPTH` (exact types only)."""
+    of :data:`_STATE_LEAVES`, nesting within :data:`_MAX_DEPTH` (exact types only).
+
+    A twin of :func:`_clean_map`'s walk with other leaves, kept apart on purpose: giving
+    that walk a ``leaves`` parameter (and its key check inline) made a 1,000-item page
+    0.35-0.45 ms slower to decode, about 18 %, measured best of 50 on this machine."""
     if depth >= _MAX_DEPTH:
         return False
     leaves = _STATE_LEAVES
