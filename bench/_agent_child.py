@@ -41,7 +41,7 @@ from typing import IO, Any
 from _setup import submit_all
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
-from tillsync_agent.process import tune_gc
+from tillsync_agent.process import shorten_switch_interval, tune_gc
 from tillsync_agent.simulator import Till
 
 POLL_S = 0.005
@@ -186,6 +186,7 @@ def main(argv: list[str]) -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     configure_logging("console", "warning")
     tune_gc()  # as `tillsync-agent run` does: what a deployed agent's process runs with
+    shorten_switch_interval()
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(serve(config, out))
     return 0

@@ -58,7 +58,7 @@ from _setup import (
 from _setup import _proc_cpu_s as process_cpu_s
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
-from tillsync_agent.process import tune_gc
+from tillsync_agent.process import shorten_switch_interval, tune_gc
 from tillsync_agent.simulator import Till
 from tillsync_agent.store import open_readonly
 from tillsync_central.management import Management
@@ -999,8 +999,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.profile_dir.mkdir(parents=True, exist_ok=True)
     progress.enabled = not options.json_only
     # The in-process agents live in a process tuned as `tillsync-agent run` tunes its own
-    # (the raw baseline, in the same process, gets the same collector).
+    # (the raw baseline, in the same process, gets the same collector and switch interval).
     tune_gc()
+    shorten_switch_interval()
     try:
         result = asyncio.run(cancel_on_sigterm(run(options, services_from_env())))
     except (KeyboardInterrupt, asyncio.CancelledError):

@@ -1,9 +1,11 @@
 """The services' garbage-collector settings (``tillsync_agent.process``,
-``tillsync_central.process``): the same in both, and what they claim to do."""
+``tillsync_central.process``): the same in both, and what they claim to do; and the
+agent's thread switch interval."""
 
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -36,3 +38,14 @@ def test_tune_gc_freezes_what_exists_and_raises_the_thresholds(
 
 def test_agent_and_central_tune_alike() -> None:
     assert agent_process.GC_THRESHOLDS == central_process.GC_THRESHOLDS
+
+
+def test_the_agent_shortens_the_switch_interval_and_central_does_not() -> None:
+    default = sys.getswitchinterval()
+    try:
+        agent_process.shorten_switch_interval()
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() < default
+    finally:
+        sys.setswitchinterval(default)
+    assert not hasattr(central_process, "shorten_switch_interval")

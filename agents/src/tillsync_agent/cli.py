@@ -22,7 +22,7 @@ from .control_socket import request
 from .enroll import register_enroll_commands
 from .logs import configure_logging
 from .outbox import Outbox
-from .process import tune_gc
+from .process import shorten_switch_interval, tune_gc
 from .service import Agent
 from .settings import AgentSettings
 from .store import Store, open_readonly
@@ -41,6 +41,7 @@ def run(config: ConfigOption = None) -> None:
     settings = _settings(config)
     configure_logging(settings.log_format, settings.log_level)
     tune_gc()
+    shorten_switch_interval()
 
     # Under systemd (Type=notify): READY=1, watchdog pings, STOPPING=1; else no-ops.
     notifier = Notifier.from_environment(os.environ, os.getpid())
