@@ -10,24 +10,14 @@ from typing import Any
 import asyncpg
 
 from central.conftest import Enroll, new_id
-from central.tills import Till, receipt_body, state_settled, until
+from central.tills import Till, sale_body, state_settled, until
 from tillsync_central.catalog import CatalogEditor
 from tillsync_central.reconcile import reconcile_pass
 from tillsync_central.runner import IngestService
 
 
-def _sale(n: int, lines: list[tuple[str, int]]) -> dict[str, Any]:
-    body = receipt_body(n, total=100 * len(lines))
-    template = body["lines"][0]
-    body["lines"] = [
-        {**template, "line_no": i + 1, "item_id": item, "qty_milli": qty, "total": 100}
-        for i, (item, qty) in enumerate(lines)
-    ]
-    return body
-
-
 def _refund(n: int, lines: list[tuple[str, int]]) -> dict[str, Any]:
-    return {**_sale(n, lines), "reason": "returned"}
+    return {**sale_body(n, lines), "reason": "returned"}
 
 
 def _void(receipt: dict[str, Any]) -> dict[str, Any]:
@@ -64,8 +54,8 @@ async def test_sales_refunds_and_voids_move_stock_once_in_any_order(
     await CatalogEditor(pool).upsert(
         center, "stock_levels", "bread", {"qty_milli": 50_000, "min_qty_milli": 5_000}
     )
-    first = a.document(1, "receipt", _sale(1, [("bread", 2_000), ("milk", 1_500)]))
-    late = a.document(3, "receipt", _sale(3, [("milk", 500)]))
+    first = a.document(1, "receipt", sale_body(1, [("bread", 2_000), ("milk", 1_500)]))
+    late = a.document(3, "receipt", sale_body(3, [("milk", 500)]))
     async with a, b:
         sent = await a.publish_documents(
             [
@@ -77,7 +67,7 @@ async def test_sales_refunds_and_voids_move_stock_once_in_any_order(
         )
         await b.publish_documents(
             [
-                b.document(1, "receipt", _sale(1, [("bread", 3_000)])),
+                b.document(1, "receipt", sale_body(1, [("bread", 3_000)])),
                 b.document(2, "refund", _refund(2, [("bread", 1_000)])),
             ]
         )
@@ -132,7 +122,7 @@ async def test_an_item_without_a_stock_row_gets_one_and_may_go_below_zero(
     till = Till(await enroll(center))
     async with till:
         await till.publish_documents(
-            [till.document(1, "receipt", _sale(1, [("water", 2_000), ("water", 250)]))]
+            [till.document(1, "receipt", sale_body(1, [("water", 2_000), ("water", 250)]))]
         )
         await till.wait_for([1])
     await state_settled(pool)
@@ -147,7 +137,7 @@ async def test_a_fold_that_fails_leaves_its_moves_pending_and_the_pass_commits(
     center = new_id("c")
     till = Till(await enroll(center))
     async with till:
-        await till.publish_documents([till.document(1, "receipt", _sale(1, [("tea", 1_000)]))])
+        await till.publish_documents([till.document(1, "receipt", sale_body(1, [("tea", 1_000)]))])
         await till.wait_for([1])
     await state_settled(pool)
     # A move for a center with no catalog scope (say, deleted by hand): that fold fails.

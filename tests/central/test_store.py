@@ -12,29 +12,23 @@ from typing import Any
 
 import asyncpg
 
-from central.conftest import Enroll, new_id
-from central.tills import canonical, raw_document, receipt_body
+from central.conftest import Enroll
+from central.tills import canonical, raw_document, sale_body
 from tillsync_central.db import create_pool
 from tillsync_central.intake import Delivery, inspect
+from tillsync_central.provisioning import Enrollment
 from tillsync_central.settings import CentralSettings
 from tillsync_central.store import store
 from tillsync_protocol import topology
 
 
-def _sale(n: int, lines: list[tuple[str, int]]) -> dict[str, Any]:
-    """A receipt body of 1.00 a line; the quantities are what stock counts."""
-    body = receipt_body(n, total=100 * len(lines))
-    template = body["lines"][0]
-    body["lines"] = [
-        {**template, "line_no": i + 1, "item_id": item, "qty_milli": qty, "total": 100}
-        for i, (item, qty) in enumerate(lines)
-    ]
-    return body
-
-
 class _Register:
-    def __init__(self, center_id: str, register_id: str, broker_user: str) -> None:
-        self.center_id, self.register_id, self.broker_user = center_id, register_id, broker_user
+    """An enrolled register's deliveries, as ingest receives them (no broker in between)."""
+
+    def __init__(self, enrollment: Enrollment) -> None:
+        self.center_id = enrollment.center_id
+        self.register_id = enrollment.register_id
+        self.broker_user = enrollment.broker_user
 
     def delivery(self, seq: int, doc_type: str, body: dict[str, Any]) -> Delivery:
         raw = raw_document(self.center_id, self.register_id, seq, doc_type, body)
@@ -57,10 +51,9 @@ async def _stock_pending(pool: asyncpg.Pool) -> dict[tuple[str, str], int]:
 async def test_receipts_rows_and_stock_lines_come_only_with_the_documents_stored(
     enroll: Enroll, pool: asyncpg.Pool
 ) -> None:
-    center = new_id("c")
-    enrollment = await enroll(center)
-    till = _Register(center, enrollment.register_id, enrollment.broker_user)
-    first = till.delivery(1, "receipt", _sale(1, [("bread", 2_000)]))
+    till = _Register(await enroll())
+    center = till.center_id
+    first = till.delivery(1, "receipt", sale_body(1, [("bread", 2_000)]))
     before = await store(pool, [inspect(first)])
     assert (before.stored, before.stock_lines) == (1, 1)
 
@@ -79,12 +72,12 @@ async def test_receipts_rows_and_stock_lines_come_only_with_the_documents_stored
     }
     batch = [
         first,
-        till.delivery(1, "receipt", _sale(1, [("bread", 9_000), ("milk", 1)])),
-        till.delivery(2, "receipt", _sale(2, [("bread", 1_000), ("milk", 3_000)])),
-        till.delivery(3, "refund", {**_sale(3, [("milk", 500)]), "reason": "sour"}),
+        till.delivery(1, "receipt", sale_body(1, [("bread", 9_000), ("milk", 1)])),
+        till.delivery(2, "receipt", sale_body(2, [("bread", 1_000), ("milk", 3_000)])),
+        till.delivery(3, "refund", {**sale_body(3, [("milk", 500)]), "reason": "sour"}),
         till.delivery(4, "cash_movement", cash),
-        till.delivery(5, "receipt", _sale(5, [("milk", 1_000)])),
-        till.delivery(5, "receipt", _sale(5, [("milk", 7_000), ("tea", 1)])),
+        till.delivery(5, "receipt", sale_body(5, [("milk", 1_000)])),
+        till.delivery(5, "receipt", sale_body(5, [("milk", 7_000), ("tea", 1)])),
         stranger,
     ]
     result = await store(pool, [inspect(d) for d in batch])
@@ -128,18 +121,17 @@ async def _logged(settings: CentralSettings) -> AsyncIterator[tuple[asyncpg.Pool
 async def test_a_batch_of_sales_only_is_one_statement_without_begin_or_commit(
     enroll: Enroll, settings: CentralSettings
 ) -> None:
-    center = new_id("c")
-    enrollment = await enroll(center)
-    till = _Register(center, enrollment.register_id, enrollment.broker_user)
+    till = _Register(await enroll())
+    center = till.center_id
     async with _logged(settings) as (pool, sent):
-        first = till.delivery(1, "receipt", _sale(1, [("bread", 1_000)]))
+        first = till.delivery(1, "receipt", sale_body(1, [("bread", 1_000)]))
         await store(
-            pool, [inspect(first), inspect(till.delivery(2, "receipt", _sale(2, [("jam", 1)])))]
+            pool, [inspect(first), inspect(till.delivery(2, "receipt", sale_body(2, [("jam", 1)])))]
         )
         batch = [
             first,  # a duplicate
-            till.delivery(2, "receipt", _sale(2, [("bread", 5_000)])),  # a conflict
-            till.delivery(3, "refund", {**_sale(3, [("bread", 250)]), "reason": "stale"}),
+            till.delivery(2, "receipt", sale_body(2, [("bread", 5_000)])),  # a conflict
+            till.delivery(3, "refund", {**sale_body(3, [("bread", 250)]), "reason": "stale"}),
         ]
         sent.clear()
         result = await store(pool, [inspect(d) for d in batch], advance=False)  # as ingest
@@ -164,12 +156,11 @@ def _shift_open() -> dict[str, Any]:
 async def test_lines_that_cancel_out_within_a_batch_write_no_stock_row(
     enroll: Enroll, pool: asyncpg.Pool
 ) -> None:
-    center = new_id("c")
-    enrollment = await enroll(center)
-    till = _Register(center, enrollment.register_id, enrollment.broker_user)
+    till = _Register(await enroll())
+    center = till.center_id
     batch = [
-        till.delivery(1, "receipt", _sale(1, [("tea", 1_000), ("jam", 2_000)])),
-        till.delivery(2, "refund", {**_sale(2, [("tea", 1_000)]), "reason": "spare"}),
+        till.delivery(1, "receipt", sale_body(1, [("tea", 1_000), ("jam", 2_000)])),
+        till.delivery(2, "refund", {**sale_body(2, [("tea", 1_000)]), "reason": "spare"}),
     ]
     result = await store(pool, [inspect(d) for d in batch])
     assert (result.stored, result.stock_lines) == (2, 3)

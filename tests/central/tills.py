@@ -47,6 +47,17 @@ def receipt_body(n: int, total: int = 2500) -> dict[str, Any]:
     }
 
 
+def sale_body(n: int, lines: list[tuple[str, int]]) -> dict[str, Any]:
+    """A receipt body of 1.00 a line, ``lines`` as (item_id, qty_milli): what stock counts."""
+    body = receipt_body(n, total=100 * len(lines))
+    template = body["lines"][0]
+    body["lines"] = [
+        {**template, "line_no": i + 1, "item_id": item, "qty_milli": qty, "total": 100}
+        for i, (item, qty) in enumerate(lines)
+    ]
+    return body
+
+
 def raw_document(
     center_id: str, register_id: str, seq: int, doc_type: str = "receipt", body: Any = None
 ) -> dict[str, Any]:

@@ -175,3 +175,19 @@ def msgpack_values() -> st.SearchStrategy[Any]:
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
         max_leaves=20,
     )
+
+
+def paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (map keys and list indexes) to a node under ``node``, for a test that
+    breaks a drawn message at any one place."""
+    found = [path] if path else []
+    children = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, child in children:
+        found += paths(child, (*path, key))
+    return found

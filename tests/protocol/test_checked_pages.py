@@ -26,7 +26,7 @@ from tillsync_protocol import (
 )
 from tillsync_protocol.codec import ChangeRow, CheckedDeltaPage, decode_control_pages
 
-from .strategies import for_model, msgpack_values
+from .strategies import for_model, msgpack_values, paths
 from .vectors import load
 
 BOUNDED = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -151,20 +151,6 @@ EDGES = st.sampled_from(
         msgpack.Timestamp(1, 0),
     ]
 ).map(copy.deepcopy)  # a mutation may change a drawn list or map in place
-
-
-def paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [path] if path else []
-    children = (
-        node.items()
-        if isinstance(node, dict)
-        else enumerate(node)
-        if isinstance(node, list)
-        else ()
-    )
-    for key, child in children:
-        found += paths(child, (*path, key))
-    return found
 
 
 def nested(depth: int, leaf: Any) -> Any:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tillsync_protocol import MESSAGE_TYPES, Message, ProtocolError, decode, encode, to_json
 
-from .strategies import for_model, msgpack_values
+from .strategies import for_model, msgpack_values, paths
 from .vectors import load
 
 BOUNDED = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -86,27 +86,13 @@ def test_byte_mutations_of_valid_vectors_only_raise_protocol_errors(
     _decodes_or_refuses(bytes(mutated))
 
 
-def _paths(node: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    found = [path] if path else []
-    children = (
-        node.items()
-        if isinstance(node, dict)
-        else enumerate(node)
-        if isinstance(node, list)
-        else ()
-    )
-    for key, child in children:
-        found += _paths(child, (*path, key))
-    return found
-
-
 @BOUNDED
 @given(st.sampled_from(VECTORS), st.data())
 def test_structural_mutations_of_valid_vectors_only_raise_protocol_errors(
     vector: bytes, data: st.DataObject
 ) -> None:
     raw = copy.deepcopy(msgpack.unpackb(vector))
-    path = data.draw(st.sampled_from(_paths(raw)))
+    path = data.draw(st.sampled_from(paths(raw)))
     parent: Any = raw
     for part in path[:-1]:
         parent = parent[part]
