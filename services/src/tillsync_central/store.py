@@ -266,13 +266,16 @@ async def advance_state(pool: asyncpg.Pool, stored_through: dict[str, int]) -> N
 async def _apply(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
     result = BatchResult()
     async with pool.acquire() as conn:
-        if _statement_alone(inspections):
-            registers = await _registers(conn, inspections)
-            if all(check_register(i, registers) is None for i in inspections):
-                await _store_documents(conn, [_valid(i) for i in inspections], result)
-                return result
+        # Read once, before any transaction: under READ COMMITTED a read inside one would
+        # see nothing newer, and a batch that turns out not to be a statement alone (a
+        # refused delivery) reuses it.
+        registers = await _registers(conn, inspections)
+        if _statement_alone(inspections) and all(
+            check_register(i, registers) is None for i in inspections
+        ):
+            await _store_documents(conn, [_valid(i) for i in inspections], result)
+            return result
         async with conn.transaction():
-            registers = await _registers(conn, inspections)
             valid: list[_Valid] = []
             letters: list[DeadLetter] = []
             for inspection in inspections:
