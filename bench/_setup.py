@@ -333,7 +333,7 @@ async def machine(services: Services, box: Sandbox) -> dict[str, Any]:
         await conn.close()
     return {
         "cores": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "python": platform.python_version(),
         "rabbitmq": overview.get("rabbitmq_version"),
         "erlang": overview.get("erlang_version"),
@@ -343,7 +343,7 @@ async def machine(services: Services, box: Sandbox) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

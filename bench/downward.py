@@ -21,6 +21,11 @@ process, measures:
    go through RabbitMQ to a queue, a consumer ``executemany``\\ s them into a plain SQLite
    table and commits.
 
+The agents share one ``sqlite_gate`` of 32 places (``--sqlite-gate``; 0: none), as the raw
+consumers share 32 threads: each agent's aiosqlite connection has a thread of its own, and
+a thousand threads contending for this one process's GIL cost several times the work itself
+(a till runs one agent per process; see docs/agent.md).
+
 Every measurement starts with ``gc.collect()`` and ``gc.freeze()`` (``--no-gc-freeze``:
 not): hundreds of registers share this process's heap, where each would have its own.
 
@@ -104,7 +109,9 @@ CENTRAL_DISTURBANCES = (
     "database unavailable, request kept for retry",
 )
 SQLITE_THREADS = 32
-"""Threads the raw consumers' sqlite3 calls run in (the agents' aiosqlite has one each)."""
+"""Threads the raw consumers' sqlite3 calls run in (the agents' aiosqlite has one each), and
+by default the size of the agents' shared ``sqlite_gate`` (``--sqlite-gate``): both sides
+run at most this many SQLite calls at once."""
 
 
 # -- SQLite, as the agent sets it up (WAL, synchronous=FULL) --------------------------------
@@ -205,15 +212,20 @@ class Fleet:
     and broker user; stopped together as SIGTERM stops one."""
 
     data_dir: Path
+    sqlite_gate: int
+    """0: none (every agent's thread contends for the GIL whenever it has work)."""
     probe: Probe = field(default_factory=Probe)
     agents: list[Agent] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    _shared: asyncio.Semaphore | None = None
 
     async def add(self, enrollments: Sequence[Enrollment], **settings: Any) -> list[Agent]:
         """Open and run an agent per enrollment; returns them once every one is linked and
         has finished its start-up delta."""
         gate = asyncio.Semaphore(AGENT_OPEN_CONCURRENCY)
+        if self.sqlite_gate and self._shared is None:
+            self._shared = asyncio.Semaphore(self.sqlite_gate)
 
         async def open_one(enrollment: Enrollment) -> Agent:
             agent = Agent(
@@ -226,6 +238,7 @@ class Fleet:
                     **settings,
                 ),
                 serve_socket=False,
+                sqlite_gate=self._shared,
             )
             async with gate:
                 await agent.__aenter__()
@@ -992,6 +1005,7 @@ class Options:
     provision_concurrency: int
     phases: list[str]
     gc_freeze: bool
+    sqlite_gate: int
     profile_dir: Path | None
     central_log: Path | None
     json_only: bool
@@ -1022,7 +1036,7 @@ async def run_phases(
         async with Management(services.api_url, box.name) as management:
             ctx = Context(services, box, pool, management, central, work, users, gc_pauses)
             if "fanout" in options.phases:
-                fleet = Fleet(work / "fanout")
+                fleet = Fleet(work / "fanout", options.sqlite_gate)
                 try:
                     results["fanout"] = await fanout_phase(ctx, options, fleet)
                     results["fanout_probe_sources"] = dict(fleet.probe.sources)
@@ -1031,7 +1045,7 @@ async def run_phases(
                     progress(f"stopping {len(fleet.agents)} agents")
                     await fleet.stop()
             if "reinit" in options.phases:
-                fleet = Fleet(work / "reinit")
+                fleet = Fleet(work / "reinit", options.sqlite_gate)
                 try:
                     results["reinit"] = await reinit_phase(ctx, options, fleet)
                 finally:
@@ -1153,6 +1167,7 @@ def report(options: Options, info: dict[str, Any], results: dict[str, Any]) -> d
             "agent_settings": "defaults (synchronous=FULL, prefetch 200)",
             "raw_sqlite_threads": SQLITE_THREADS,
             "gc_freeze_before_each_measurement": options.gc_freeze,
+            "agents_sqlite_gate": options.sqlite_gate or None,
         },
         "machine": info,
     }
@@ -1196,6 +1211,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         action="store_false",
         dest="gc_freeze",
         help="let every full collection walk every agent (see GcPauses.settle)",
+    )
+    parser.add_argument(
+        "--sqlite-gate",
+        type=int,
+        default=SQLITE_THREADS,
+        help="SQLite transactions the in-process agents run at once, as the raw consumers' "
+        f"threads (default {SQLITE_THREADS}; 0: no bound)",
     )
     parser.add_argument(
         "--central-log", type=Path, default=None, help="keep central's JSON log in this file"

@@ -54,9 +54,20 @@ log = structlog.get_logger(__name__)
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, *, serve_socket: bool = True) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        serve_socket: bool = True,
+        sqlite_gate: asyncio.Semaphore | None = None,
+    ) -> None:
+        """``sqlite_gate``: for a process that hosts many agents (the benches, tests), one
+        semaphore given to all of them bounds how many of their SQLite transactions run at
+        once. Each agent's connection has its own thread; a thousand of them contending for
+        the GIL cost several times the work itself (docs/agent.md). A till runs one agent
+        per process and needs none."""
         self.settings = settings
-        self._store = Store(settings.database_path)
+        self._store = Store(settings.database_path, gate=sqlite_gate)
         self.outbox = Outbox(
             self._store,
             register_id=settings.register_id,

@@ -169,8 +169,11 @@ class StoreLockedError(ConfigError):
 class Store:
     """The writer connection to the agent database, as an async context manager."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, gate: asyncio.Semaphore | None = None) -> None:
         self.path = path
+        self._gate = gate
+        """Shared by the agents one process hosts (see :class:`~tillsync_agent.Agent`'s
+        ``sqlite_gate``): at most that many of their one-hop calls run at once."""
         self._db: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
         self.write_lock = asyncio.Lock()
@@ -277,7 +280,17 @@ class Store:
 
     async def in_thread(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """``work(connection)`` on the connection's thread, in one hop: for reads (no
-        lock; writes go through :meth:`write` or :meth:`write_in_thread`)."""
+        lock; writes go through :meth:`write` or :meth:`write_in_thread`).
+
+        With a gate it waits for a place first. Nothing waits for anything else while it
+        holds one (the call is a single function on the thread), so a shared gate cannot
+        deadlock: :attr:`write_lock` is always taken before it, never after."""
+        if self._gate is None:
+            return await self._hop(work)
+        async with self._gate:
+            return await self._hop(work)
+
+    async def _hop(self, work: Callable[[sqlite3.Connection], T]) -> T:
         db = self.db
         # aiosqlite runs a callable on its thread only through _execute (no public way).
         result: T = await db._execute(work, db._conn)  # type: ignore[no-untyped-call]
