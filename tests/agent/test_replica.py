@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import aiosqlite
 import pytest
 
 from tillsync_agent.catalog_events import CatalogEvent
-from tillsync_agent.replica import ApplyMode, Replica, UnknownItemError
+from tillsync_agent.replica import ApplyMode, Replica, UnknownItemError, _json
 from tillsync_protocol import (
     ENTITIES,
     CatalogChangeBody,
@@ -26,6 +27,7 @@ from tillsync_protocol import (
     ItemEdit,
     decode_document,
 )
+from tillsync_protocol.control import CatalogValue
 
 from .catalog import CENTER, change, item_state, new_request_id, open_replica, pages
 
@@ -255,6 +257,33 @@ async def test_a_delta_that_fails_while_applying_changes_nothing(
             )
         assert [e.key for e in await replica.all("items")] == ["old"]
         assert await replica.cursors() == {"global": 1}
+
+
+async def test_a_change_whose_transaction_fails_moves_no_cursor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cursors the replica keeps in memory follow commits only: the change that failed
+    is applied when it comes again, not taken for a duplicate."""
+    async with open_replica(tmp_path / "a.db") as (_, replica, _):
+        assert await replica.apply_change(change(1, "a")) == "applied"
+
+        calls: list[object] = []
+
+        def broken(state: Mapping[str, CatalogValue] | None) -> str:
+            calls.append(state)
+            if len(calls) > 1:  # the second change, after the first has moved the cursor
+                raise RuntimeError("disk full")
+            return _json(state)
+
+        monkeypatch.setattr("tillsync_agent.replica._json", broken)
+        with pytest.raises(RuntimeError):
+            await replica.apply_changes([change(2, "b"), change(3, "c")])
+        monkeypatch.undo()
+        assert await replica.cursors() == {"global": 1}
+        assert await replica.apply_change(change(2, "b")) == "applied"
+        assert await replica.apply_change(change(3, "c")) == "applied"
+        assert [e.key for e in await replica.all("items")] == ["a", "b", "c"]
+        assert await replica.cursors() == {"global": 3}
 
 
 async def test_an_older_change_never_rolls_a_newer_row_back(tmp_path: Path) -> None:

@@ -286,6 +286,18 @@ def _barcodes(state: Mapping[str, CatalogValue]) -> list[str]:
     return []
 
 
+@dataclass
+class _Applying:
+    """What one :meth:`Replica.apply_changes` transaction has done so far."""
+
+    cursors: dict[str, int]
+    """Every scope's position as of now: as known before, read, or moved."""
+    moved: dict[str, int] = field(default_factory=dict)
+    """The cursors to write, once, at the end."""
+    statuses: list[ApplyStatus] = field(default_factory=list)
+    events: list[CatalogEvent] = field(default_factory=list)
+
+
 class Replica(CatalogReader):
     """The catalog replica of one register: reads (see :class:`CatalogReader`) and writes."""
 
@@ -304,6 +316,10 @@ class Replica(CatalogReader):
         self.scopes = (GLOBAL_SCOPE, center_id)
         self.events = CatalogEvents(queue_size)
         self._staging: _Staging | None = None
+        self._known_cursors: dict[str, int] = {}
+        """Committed cursors, as real-time changes last read or moved them: one statement
+        less per change. Read and written only under the write lock; :meth:`apply_staged`,
+        which moves cursors by its own statements, empties it."""
 
     async def close(self) -> None:
         self.events.close()
@@ -341,35 +357,30 @@ class Replica(CatalogReader):
         if all(change.scope not in self.scopes for change in changes):
             return ["ignored"] * len(changes)
 
-        def work(db: sqlite3.Connection) -> tuple[list[ApplyStatus], list[CatalogEvent]]:
-            positions: dict[str, int] = {}
-            statuses: list[ApplyStatus] = []
-            events: list[CatalogEvent] = []
+        def work(db: sqlite3.Connection) -> _Applying:
+            applying = _Applying(dict(self._known_cursors))
             for change in changes:
-                status = self._apply_one(db, change, positions, events)
-                statuses.append(status)
-            for scope, seq in positions.items():
+                applying.statuses.append(self._apply_one(db, change, applying))
+            for scope, seq in applying.moved.items():
                 db.execute(_SET_CURSOR, (scope, seq))
-            return statuses, events
+            return applying
 
-        statuses, _ = await self._store.write_in_thread(work, lambda r: self.events.publish(r[1]))
-        return statuses
+        def committed(applying: _Applying) -> None:
+            self._known_cursors = applying.cursors
+            self.events.publish(applying.events)
+
+        return (await self._store.write_in_thread(work, committed)).statuses
 
     def _apply_one(
-        self,
-        db: sqlite3.Connection,
-        change: CatalogChangeBody,
-        positions: dict[str, int],
-        events: list[CatalogEvent],
+        self, db: sqlite3.Connection, change: CatalogChangeBody, applying: _Applying
     ) -> ApplyStatus:
-        """One change inside :meth:`apply_changes`' transaction; ``positions`` holds the
-        cursors it has moved so far (written once, at the end)."""
+        """One change inside :meth:`apply_changes`' transaction."""
         if change.scope not in self.scopes:
             return "ignored"
-        position = positions.get(change.scope)
+        position = applying.cursors.get(change.scope)
         if position is None:
             row = db.execute(_CURSOR, (change.scope,)).fetchone()
-            position = 0 if row is None else int(row[0])
+            position = applying.cursors[change.scope] = 0 if row is None else int(row[0])
         if change.scope_seq <= position:
             return "duplicate"
         if change.scope_seq > position + 1:
@@ -382,14 +393,14 @@ class Replica(CatalogReader):
             )
         else:
             cursor = db.execute(_DELETE, (*where, change.scope_seq))
-        positions[change.scope] = change.scope_seq
+        applying.cursors[change.scope] = applying.moved[change.scope] = change.scope_seq
         if cursor.rowcount > 0:
             if change.entity == "items":
                 keys = json.dumps([change.key])
                 db.execute(_UNBARCODE, (keys,))
                 db.execute(_BARCODES_OF, (keys,))
             op: Literal["upsert", "delete"] = "upsert" if kept else "delete"
-            events.append(
+            applying.events.append(
                 CatalogEvent(change.entity, change.key, change.scope, op, change.version, "change")
             )
         return "applied"
@@ -543,6 +554,7 @@ class Replica(CatalogReader):
         replacing = mode == "replace"
 
         async def work(db: aiosqlite.Connection) -> tuple[Applied, list[CatalogEvent]]:
+            self._known_cursors = {}  # read again after this, committed or not
             async with db.execute(_STAGING) as cursor:
                 row = await cursor.fetchone()
             # A delta and an update are staged alike (the shadow), a replace is not.
