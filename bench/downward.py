@@ -21,10 +21,11 @@ process, measures:
    go through RabbitMQ to a queue, a consumer ``executemany``\\ s them into a plain SQLite
    table and commits.
 
-The agents share one ``sqlite_gate`` of 32 places (``--sqlite-gate``; 0: none), as the raw
-consumers share 32 threads: each agent's aiosqlite connection has a thread of its own, and
-a thousand threads contending for this one process's GIL cost several times the work itself
-(a till runs one agent per process; see docs/agent.md).
+The agents share one ``sqlite_gate`` of 32 places, as the raw consumers share 32 threads
+(``--sqlite-gate N`` sets both; 0: no gate, the raw side keeps 32). Each agent's aiosqlite
+connection has a thread of its own, and a thousand threads contending for this one
+process's GIL cost several times the work itself (a till runs one agent per process; see
+docs/agent.md).
 
 Every measurement starts with ``gc.collect()`` and ``gc.freeze()`` (``--no-gc-freeze``:
 not): hundreds of registers share this process's heap, where each would have its own.
@@ -109,9 +110,10 @@ CENTRAL_DISTURBANCES = (
     "database unavailable, request kept for retry",
 )
 SQLITE_THREADS = 32
-"""Threads the raw consumers' sqlite3 calls run in (the agents' aiosqlite has one each), and
-by default the size of the agents' shared ``sqlite_gate`` (``--sqlite-gate``): both sides
-run at most this many SQLite calls at once."""
+"""The default of ``--sqlite-gate``: the places of the agents' shared ``sqlite_gate`` and
+the threads the raw consumers' sqlite3 calls run in (both sides run at most this many
+SQLite calls at once; with ``--sqlite-gate 0`` the agents run unbounded, the raw side on
+this many threads)."""
 
 
 # -- SQLite, as the agent sets it up (WAL, synchronous=FULL) --------------------------------
@@ -471,7 +473,7 @@ class RawFanout:
 
 
 async def raw_fanout(
-    ctx: Context, n: int, bodies: Sequence[tuple[str, bytes]], gc_freeze: bool
+    ctx: Context, n: int, bodies: Sequence[tuple[str, bytes]], gc_freeze: bool, threads: int
 ) -> RawFanout:
     """Publish each body (the first one a warm-up) to a topic exchange with ``n`` bound
     queues and time its way into ``n`` SQLite files."""
@@ -480,7 +482,7 @@ async def raw_fanout(
     setup_started = time.perf_counter()
     arrivals: dict[str, dict[int, float]] = defaultdict(dict)
     arrived = asyncio.Event()
-    executor = ThreadPoolExecutor(max_workers=min(n, SQLITE_THREADS))
+    executor = ThreadPoolExecutor(max_workers=min(n, threads))
     publisher = await aio_pika.connect(box.amqp_url, timeout=15)
     consumers: list[RawConsumer] = []
     try:
@@ -622,7 +624,7 @@ async def fanout_size(
     check = replicas_hold(fleet, ours.last_version)
     bodies = await change_bodies(ctx.pool, ours.seqs)
     progress(f"fan-out N={n}: raw baseline")
-    raw = await raw_fanout(ctx, n, bodies, options.gc_freeze)
+    raw = await raw_fanout(ctx, n, bodies, options.gc_freeze, _raw_threads(options))
     result = _fanout_result(
         n, ours, raw.timings, cores_used(cpu_before, cpu_after), raw.cores_used, check
     )
@@ -667,6 +669,10 @@ async def grow(ctx: Context, options: Options, fleet: Fleet, n: int) -> dict[str
         "provision_ms_per_register": round(provision_s * 1e3 / max(1, len(new_ids)), 1),
         "agents_start_s": round(start_s, 2),
     }
+
+
+def _raw_threads(options: Options) -> int:
+    return options.sqlite_gate or SQLITE_THREADS
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -1165,7 +1171,7 @@ def report(options: Options, info: dict[str, Any], results: dict[str, Any]) -> d
             "page_size": options.page_size,
             "central": f"tillsync-central run --workers 1 --rpc-workers {options.rpc_workers}",
             "agent_settings": "defaults (synchronous=FULL, prefetch 200)",
-            "raw_sqlite_threads": SQLITE_THREADS,
+            "raw_sqlite_threads": _raw_threads(options),
             "gc_freeze_before_each_measurement": options.gc_freeze,
             "agents_sqlite_gate": options.sqlite_gate or None,
         },
@@ -1216,8 +1222,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         "--sqlite-gate",
         type=int,
         default=SQLITE_THREADS,
-        help="SQLite transactions the in-process agents run at once, as the raw consumers' "
-        f"threads (default {SQLITE_THREADS}; 0: no bound)",
+        help="SQLite calls the in-process agents, and the raw consumers, run at once "
+        f"(default {SQLITE_THREADS}; 0: the agents unbounded)",
     )
     parser.add_argument(
         "--central-log", type=Path, default=None, help="keep central's JSON log in this file"
