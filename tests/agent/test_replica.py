@@ -108,6 +108,38 @@ async def test_delete_removes_the_row_and_its_barcodes(tmp_path: Path) -> None:
     assert rows(tmp_path / "a.db", "SELECT COUNT(*) FROM item_barcodes") == [(0,)]
 
 
+async def test_a_price_change_keeps_the_barcodes_and_a_barcode_change_rebuilds_them(
+    tmp_path: Path,
+) -> None:
+    """An item whose barcodes stay is one UPDATE (its barcodes are not touched); any
+    other change of an item rebuilds them, the same array in another order included."""
+    db = tmp_path / "a.db"
+    async with open_replica(db) as (store, replica, _):
+        statements: list[str] = []
+        await store.in_thread(lambda conn: conn.set_trace_callback(statements.append))
+
+        async def apply(seq: int, price: int, barcodes: list[str]) -> list[str]:
+            statements.clear()
+            state = item_state(price=price, barcodes=barcodes)
+            assert await replica.apply_change(change(seq, "i-1", state, version=seq)) == "applied"
+            return [s for s in statements if "item_barcodes" in s]
+
+        assert await apply(1, 100, ["111", "222"])  # a new item: built
+        assert await apply(2, 120, ["111", "222"]) == []  # a price change: untouched
+        assert (await state_of(replica, "i-1"))["gross_price"] == 120
+        assert [await barcode_owner(replica, b) for b in ("111", "222")] == ["i-1", "i-1"]
+        assert await apply(3, 120, ["222", "444"])  # one barcode gone, one new
+        assert await barcode_owner(replica, "111") is None
+        assert await barcode_owner(replica, "444") == "i-1"
+        assert await apply(4, 130, ["444", "222"])  # the same barcodes, in another order
+        await store.in_thread(lambda conn: conn.set_trace_callback(None))
+    assert rows(db, "SELECT barcode, item_key FROM item_barcodes ORDER BY barcode") == [
+        ("222", "i-1"),
+        ("444", "i-1"),
+    ]
+    assert rows(db, "SELECT version, scope_seq, local_edit FROM catalog") == [(4, 4, 0)]
+
+
 async def test_a_barcode_moved_to_another_item_follows_it(tmp_path: Path) -> None:
     async with open_replica(tmp_path / "a.db") as (_, replica, _):
         await replica.apply_change(change(1, "i-1", item_state(barcodes=["111"])))
