@@ -79,6 +79,7 @@ from tillsync_agent import Agent, load_settings
 from tillsync_agent.catalog_events import CatalogEvent
 from tillsync_agent.delta_rpc import SyncProgress
 from tillsync_agent.logs import configure_logging
+from tillsync_agent.process import GC_THRESHOLDS
 from tillsync_agent.store import open_readonly
 from tillsync_central.catalog import CatalogEditor, prepare_edit
 from tillsync_central.db import init_connection
@@ -1243,6 +1244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.profile_dir is not None:
         options.profile_dir.mkdir(parents=True, exist_ok=True)
     progress.enabled = not options.json_only
+    if options.gc_freeze:
+        # As `tillsync-agent run` sets its process (tune_gc); both sides share this one.
+        gc.set_threshold(*GC_THRESHOLDS)
     try:
         result = asyncio.run(cancel_on_sigterm(run(options, services_from_env())))
     except (KeyboardInterrupt, asyncio.CancelledError):
