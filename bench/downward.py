@@ -330,6 +330,7 @@ class Timings:
             "each_register": latency_summary(pairs),
             "slowest_register": latency_summary([max(d) for d in self.per_change if d]),
             "first_register": latency_summary([min(d) for d in self.per_change if d]),
+            "slowest_register_each_ms": [round(max(d), 1) for d in self.per_change if d],
         }
 
 
