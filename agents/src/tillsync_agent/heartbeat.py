@@ -6,11 +6,16 @@ A heartbeat is worth nothing once the next one is due, so it is *not* persistent
 expires in the broker after three intervals, and a failed one is logged and forgotten:
 the next one carries the same news. It is published on the link's publish channel
 (confirmed, like documents) from its own task, so a slow confirm never holds the sender.
+
+Each wait is drawn between 80 % and 100 % of the interval: never later than the interval
+(central's presence counts on that), and registers that came up together (a fleet after
+a broker restart) drift apart instead of beating in the same second forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +45,8 @@ log = structlog.get_logger(__name__)
 
 MAX_ERROR_CHARS = 1000
 """The protocol's ``Text`` limit: a longer last error is cut."""
+JITTER = 0.2
+"""A wait is the interval less up to this share of it, at random."""
 
 
 @dataclass
@@ -79,8 +86,10 @@ class Heartbeats:
         *,
         exchange: Callable[[], AbstractExchange | None],
         last_error: Callable[[], str | None],
+        rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
+        self._rng = rng or random.Random()
         self._outbox = outbox
         self._replica = replica
         self._history = history
@@ -99,9 +108,7 @@ class Heartbeats:
             waiters = [asyncio.ensure_future(e.wait()) for e in (self._wake, stopping)]
             try:
                 await asyncio.wait(
-                    waiters,
-                    timeout=self._settings.heartbeat_interval_s,
-                    return_when=asyncio.FIRST_COMPLETED,
+                    waiters, timeout=self.next_wait(), return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
                 for waiter in waiters:
@@ -110,6 +117,10 @@ class Heartbeats:
             exchange = self._exchange()
             if exchange is not None and not stopping.is_set():
                 await self.beat(exchange)
+
+    def next_wait(self) -> float:
+        """Seconds until the next beat: within the last fifth of the interval."""
+        return self._settings.heartbeat_interval_s * (1 - JITTER * self._rng.random())
 
     async def body(self) -> HeartbeatBody:
         counts = self._outbox.counts
