@@ -30,7 +30,7 @@ class Overlap:
         with self._lock:
             self._now += 1
             self.most = max(self.most, self._now)
-        time.sleep(0.03)  # long enough for every other call to have started, ungated
+        time.sleep(0.1)  # long enough for the other calls to have started, ungated
         db.execute("CREATE TABLE IF NOT EXISTS marks (key TEXT PRIMARY KEY)")
         db.execute("INSERT INTO marks VALUES (?)", (key,))
         with self._lock:
@@ -62,8 +62,8 @@ async def test_a_shared_gate_bounds_the_calls_on_their_threads(tmp_path: Path) -
     (tmp_path / "gated").mkdir()
     (tmp_path / "free").mkdir()
     assert await _run_six(tmp_path / "gated", asyncio.Semaphore(2)) == 2
-    # The control: without a gate all six run at once.
-    assert await _run_six(tmp_path / "free", None) == 6
+    # The control: without a gate more run at once (all six, unless the machine is slow).
+    assert await _run_six(tmp_path / "free", None) > 2
 
 
 def _change(seq: int) -> CatalogChangeBody:
