@@ -1236,6 +1236,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         parser.error("--phases takes fanout, reinit or both")
     if args.changes < 1 or args.reinit_runs < 1 or args.items < 1 or args.customers < 0:
         parser.error("need --changes, --reinit-runs and --items >= 1")
+    if args.sqlite_gate < 0:
+        parser.error("--sqlite-gate is 0 (none) or a number of places")
     return Options(**vars(args))
 
 
