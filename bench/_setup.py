@@ -15,6 +15,7 @@ import os
 import platform
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -386,3 +387,38 @@ async def cancel_on_sigterm(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[s
         return await work
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+# -- shared by the downward benches: the probe item, and SQLite as the agent sets it up ---
+
+PROBE_KEY = "bench-probe"
+RAW_CHANGES_TABLE = "CREATE TABLE IF NOT EXISTS changes (msg_id TEXT PRIMARY KEY, body BLOB)"
+
+
+def probe_state(price: int) -> dict[str, Any]:
+    """The state of the item the fan-out benches change (only its price moves)."""
+    return {
+        "name": "Bench probe",
+        "gross_price": price,
+        "currency": "CZK",
+        "tax_rate_id": "vat-21",
+        "barcodes": ["8590000000017"],
+        "labels": [],
+    }
+
+
+def open_sqlite(path: Path, table_sql: str) -> sqlite3.Connection:
+    """A plain ``sqlite3`` file as the agent sets its own up (WAL, ``synchronous=FULL``),
+    for the raw baselines."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute(table_sql)
+    return db
+
+
+def insert_change(db: sqlite3.Connection, msg_id: str, body: bytes) -> None:
+    """The raw consumer's work for one change: insert and commit."""
+    db.execute("BEGIN")
+    db.execute("INSERT INTO changes VALUES (?, ?)", (msg_id, body))
+    db.execute("COMMIT")

@@ -60,6 +60,8 @@ import asyncpg
 import msgpack
 
 from _setup import (
+    PROBE_KEY,
+    RAW_CHANGES_TABLE,
     CentralProcess,
     CpuSample,
     Sandbox,
@@ -68,9 +70,12 @@ from _setup import (
     cores_used,
     cpu_sample,
     delete_users,
+    insert_change,
     latency_summary,
     machine,
+    open_sqlite,
     percentile,
+    probe_state,
     progress,
     sandbox,
     services_from_env,
@@ -97,7 +102,6 @@ from tillsync_protocol import (
 
 FANOUT_CENTER = "bench"
 REINIT_CENTER = "bench-reinit"
-PROBE_KEY = "bench-probe"
 WAIT_S = 30.0
 START_TIMEOUT_S = 180.0
 PAUSE_S = 0.05
@@ -120,15 +124,6 @@ this many threads)."""
 # -- SQLite, as the agent sets it up (WAL, synchronous=FULL) --------------------------------
 
 
-def open_sqlite(path: Path, table_sql: str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute(table_sql)
-    return db
-
-
-RAW_CHANGES_TABLE = "CREATE TABLE IF NOT EXISTS changes (msg_id TEXT PRIMARY KEY, body BLOB)"
 RAW_CATALOG_TABLE = """
 CREATE TABLE IF NOT EXISTS catalog (
     entity TEXT NOT NULL, key TEXT NOT NULL, scope TEXT NOT NULL, version INTEGER NOT NULL,
@@ -136,12 +131,6 @@ CREATE TABLE IF NOT EXISTS catalog (
 )
 """
 RAW_CATALOG_INSERT = "INSERT INTO catalog VALUES (?, ?, ?, ?, ?, ?)"
-
-
-def insert_change(db: sqlite3.Connection, msg_id: str, body: bytes) -> None:
-    db.execute("BEGIN")
-    db.execute("INSERT INTO changes VALUES (?, ?)", (msg_id, body))
-    db.execute("COMMIT")
 
 
 class GcPauses:
@@ -221,14 +210,16 @@ class Fleet:
     agents: list[Agent] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
-    _shared: asyncio.Semaphore | None = None
+    _shared: asyncio.Semaphore | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.sqlite_gate:
+            self._shared = asyncio.Semaphore(self.sqlite_gate)
 
     async def add(self, enrollments: Sequence[Enrollment], **settings: Any) -> list[Agent]:
         """Open and run an agent per enrollment; returns them once every one is linked and
         has finished its start-up delta."""
         gate = asyncio.Semaphore(AGENT_OPEN_CONCURRENCY)
-        if self.sqlite_gate and self._shared is None:
-            self._shared = asyncio.Semaphore(self.sqlite_gate)
 
         async def open_one(enrollment: Enrollment) -> Agent:
             agent = Agent(
@@ -304,17 +295,6 @@ async def provision(
 # -- fan-out: tillsync ----------------------------------------------------------------------
 
 
-def _probe_state(price: int) -> dict[str, Any]:
-    return {
-        "name": "Bench probe",
-        "gross_price": price,
-        "currency": "CZK",
-        "tax_rate_id": "vat-21",
-        "barcodes": ["8590000000017"],
-        "labels": [],
-    }
-
-
 @dataclass
 class Timings:
     """Per change, each register's delay (ms) from the start of the change."""
@@ -358,7 +338,7 @@ async def tillsync_fanout(
     version = 0
     for i in range(changes + 1):
         started = time.perf_counter()
-        change = await editor.upsert(GLOBAL_SCOPE, "items", PROBE_KEY, _probe_state(price_base + i))
+        change = await editor.upsert(GLOBAL_SCOPE, "items", PROBE_KEY, probe_state(price_base + i))
         committed = time.perf_counter()
         version = change.version
         arrived = await fleet.probe.wait(version, count)

@@ -36,11 +36,19 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from _setup import cpu_model, progress
+from _setup import (
+    PROBE_KEY,
+    RAW_CHANGES_TABLE,
+    cpu_model,
+    insert_change,
+    open_sqlite,
+    probe_state,
+    progress,
+)
 from tillsync_agent.replica import Replica
 from tillsync_agent.store import Store
 from tillsync_protocol import GLOBAL_SCOPE
-from tillsync_protocol.control import CatalogChangeBody, CatalogValue
+from tillsync_protocol.control import CatalogChangeBody
 
 
 def _cpu_s() -> float:
@@ -49,22 +57,14 @@ def _cpu_s() -> float:
 
 
 def _change(seq: int) -> CatalogChangeBody:
-    state: dict[str, CatalogValue] = {
-        "name": "Bench probe",
-        "gross_price": 100 + seq,
-        "currency": "CZK",
-        "tax_rate_id": "vat-21",
-        "barcodes": ["8590000000017"],
-        "labels": [],
-    }
     return CatalogChangeBody(
         scope=GLOBAL_SCOPE,
         scope_seq=seq,
         entity="items",
-        key="bench-probe",
+        key=PROBE_KEY,
         op="upsert",
         version=seq,
-        state=state,
+        state=probe_state(100 + seq),
     )
 
 
@@ -88,23 +88,12 @@ async def _rounds(
 async def raw(work: Path, count: int, rounds: int, threads: int) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     executor = ThreadPoolExecutor(max_workers=threads)
-    dbs: list[sqlite3.Connection] = []
-    for i in range(count):
-        db = sqlite3.connect(work / f"{i}.sqlite3", isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE changes (msg_id TEXT PRIMARY KEY, body BLOB)")
-        dbs.append(db)
-
-    def insert(db: sqlite3.Connection, msg_id: str, body: bytes) -> None:
-        db.execute("BEGIN")
-        db.execute("INSERT INTO changes VALUES (?, ?)", (msg_id, body))
-        db.execute("COMMIT")
+    dbs = [open_sqlite(work / f"{i}.sqlite3", RAW_CHANGES_TABLE) for i in range(count)]
 
     async def one_round(r: int) -> None:
         body = _change(r).model_dump_json().encode()  # the same size, near enough
         await asyncio.gather(
-            *(loop.run_in_executor(executor, insert, db, f"m{r}", body) for db in dbs)
+            *(loop.run_in_executor(executor, insert_change, db, f"m{r}", body) for db in dbs)
         )
 
     try:
