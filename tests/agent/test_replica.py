@@ -318,6 +318,41 @@ async def test_a_change_whose_transaction_fails_moves_no_cursor(
         assert await replica.cursors() == {"global": 3}
 
 
+async def test_reported_cursors_come_from_memory_only_once_every_scope_is_known(
+    tmp_path: Path,
+) -> None:
+    """A heartbeat's cursors: read from the file until real-time changes have read every
+    followed scope's cursor, then from memory; read again after a delta moved them."""
+    path = tmp_path / "a.db"
+
+    def force_cursor(scope: str, seq: int) -> None:
+        # Behind the replica's back, so the test sees which source answered.
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE catalog_cursors SET seq = ? WHERE scope = ?", (seq, scope))
+
+    async with open_replica(path) as (_, replica, _):
+        assert await replica.reported_cursors() == {}
+        assert await replica.apply_change(change(1, "a")) == "applied"
+        # Only the global scope is known: the center's is read, so the file answers.
+        force_cursor("global", 7)
+        assert await replica.reported_cursors() == {"global": 7}
+        force_cursor("global", 1)
+        assert await replica.apply_change(change(1, "p", scope=CENTER)) == "applied"
+        assert await replica.apply_change(change(2, "b")) == "applied"
+        force_cursor("global", 7)
+        assert await replica.reported_cursors() == {"global": 2, CENTER: 1}  # memory
+        assert await replica.cursors() == {"global": 7, CENTER: 1}  # the file
+        force_cursor("global", 2)
+
+        request_id = new_request_id()
+        await stage_all(replica, [change(5, "c")], request_id)
+        await replica.apply_staged(
+            request_id, mode="delta", entities=ENTITIES, cursors={"global": 5, CENTER: 1}
+        )
+        force_cursor(CENTER, 4)
+        assert await replica.reported_cursors() == {"global": 5, CENTER: 4}  # the file again
+
+
 async def test_an_older_change_never_rolls_a_newer_row_back(tmp_path: Path) -> None:
     async with open_replica(tmp_path / "a.db") as (_, replica, _):
         # A partial reinit (cursors stay) brought i-1 as of scope_seq 5 ...

@@ -133,7 +133,7 @@ class Heartbeats:
             rejected=counts.rejected,
             acknowledged=counts.acknowledged,
             last_seq=counts.last_seq,
-            cursors=await self._replica.cursors(),
+            cursors=await self._replica.reported_cursors(),
             last_sync=summary_of(self._history.last),
             last_error=None if error is None else error[:MAX_ERROR_CHARS],
         )

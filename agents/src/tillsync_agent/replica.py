@@ -325,8 +325,10 @@ class Replica(CatalogReader):
         self._staging: _Staging | None = None
         self._known_cursors: dict[str, int] = {}
         """Committed cursors, as real-time changes last read or moved them: one statement
-        less per change. Read and written only under the write lock; :meth:`apply_staged`,
-        which moves cursors by its own statements, empties it."""
+        less per change. Written only under the write lock; :meth:`apply_staged`, which
+        moves cursors by its own statements, empties it. A dict once assigned here is never
+        changed (each transaction works on a copy), so :meth:`reported_cursors` may read it
+        without the lock."""
 
     async def close(self) -> None:
         self.events.close()
@@ -349,6 +351,16 @@ class Replica(CatalogReader):
         if not isinstance(labels, list) or not labels:
             return True
         return any(isinstance(label, str) and label in self.labels for label in labels)
+
+    async def reported_cursors(self) -> dict[str, int]:
+        """The cursors as of the last commit, for a heartbeat: from memory once real-time
+        changes have read or moved the cursor of every scope this register follows (no
+        trip to the reader's thread: in steady state a beat reads nothing), else read. A
+        scope at 0 is left out: absent and 0 both mean nothing applied yet."""
+        known = self._known_cursors
+        if all(scope in known for scope in self.scopes):
+            return {scope: seq for scope, seq in known.items() if seq}
+        return await self.cursors()
 
     # -- real-time changes --------------------------------------------------------------
 
