@@ -318,39 +318,47 @@ async def test_a_change_whose_transaction_fails_moves_no_cursor(
         assert await replica.cursors() == {"global": 3}
 
 
-async def test_reported_cursors_come_from_memory_only_once_every_scope_is_known(
+async def test_reported_cursors_come_from_memory_after_a_real_time_change(
     tmp_path: Path,
 ) -> None:
-    """A heartbeat's cursors: read from the file until real-time changes have read every
-    followed scope's cursor, then from memory; read again after a delta moved them."""
+    """A heartbeat's cursors: read from the file until a real-time change has been
+    applied (its transaction reads every followed scope's cursor), then from memory; read
+    again after a delta moved them."""
     path = tmp_path / "a.db"
 
     def force_cursor(scope: str, seq: int) -> None:
         # Behind the replica's back, so the test sees which source answered.
         with sqlite3.connect(path) as db:
-            db.execute("UPDATE catalog_cursors SET seq = ? WHERE scope = ?", (seq, scope))
+            db.execute(
+                "INSERT INTO catalog_cursors (scope, seq) VALUES (?, ?) "
+                "ON CONFLICT (scope) DO UPDATE SET seq = excluded.seq",
+                (scope, seq),
+            )
 
     async with open_replica(path) as (_, replica, _):
-        assert await replica.reported_cursors() == {}
+        force_cursor(CENTER, 3)
+        assert await replica.reported_cursors() == {CENTER: 3}  # the file
+        force_cursor(CENTER, 4)
         assert await replica.apply_change(change(1, "a")) == "applied"
-        # Only the global scope is known: the center's is read, so the file answers.
         force_cursor("global", 7)
-        assert await replica.reported_cursors() == {"global": 7}
+        force_cursor(CENTER, 9)
+        # The global change's transaction read the center's cursor (4) too.
+        assert await replica.reported_cursors() == {"global": 1, CENTER: 4}  # memory
+        assert await replica.cursors() == {"global": 7, CENTER: 9}  # the file
         force_cursor("global", 1)
-        assert await replica.apply_change(change(1, "p", scope=CENTER)) == "applied"
+        force_cursor(CENTER, 4)
+        assert await replica.apply_change(change(5, "p", scope=CENTER)) == "applied"
         assert await replica.apply_change(change(2, "b")) == "applied"
-        force_cursor("global", 7)
-        assert await replica.reported_cursors() == {"global": 2, CENTER: 1}  # memory
-        assert await replica.cursors() == {"global": 7, CENTER: 1}  # the file
-        force_cursor("global", 2)
+        assert await replica.reported_cursors() == await replica.cursors()
+        assert await replica.reported_cursors() == {"global": 2, CENTER: 5}
 
         request_id = new_request_id()
         await stage_all(replica, [change(5, "c")], request_id)
         await replica.apply_staged(
-            request_id, mode="delta", entities=ENTITIES, cursors={"global": 5, CENTER: 1}
+            request_id, mode="delta", entities=ENTITIES, cursors={"global": 5, CENTER: 6}
         )
-        force_cursor(CENTER, 4)
-        assert await replica.reported_cursors() == {"global": 5, CENTER: 4}  # the file again
+        force_cursor(CENTER, 8)
+        assert await replica.reported_cursors() == {"global": 5, CENTER: 8}  # the file again
 
 
 async def test_an_older_change_never_rolls_a_newer_row_back(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ from tillsync_protocol.codec import CheckedDeltaPage
 from tillsync_protocol.control import CatalogValue
 
 from .catalog_events import CatalogEvent, CatalogEvents, CatalogSubscription, EventSource
-from .catalog_reader import CatalogReader, entry_of
+from .catalog_reader import _CURSORS, CatalogReader, entry_of
 from .outbox import Outbox, Submitted, now_ms
 from .store import CATALOG_TABLE, Store
 
@@ -63,7 +63,6 @@ __all__ = [
 ApplyStatus = Literal["applied", "duplicate", "gap", "ignored"]
 ApplyMode = Literal["delta", "update", "replace"]
 
-_CURSOR = "SELECT seq FROM catalog_cursors WHERE scope = ?"
 _SET_CURSOR = """
 INSERT INTO catalog_cursors (scope, seq) VALUES (?, ?)
 ON CONFLICT (scope) DO UPDATE SET seq = excluded.seq
@@ -353,10 +352,10 @@ class Replica(CatalogReader):
         return any(isinstance(label, str) and label in self.labels for label in labels)
 
     async def reported_cursors(self) -> dict[str, int]:
-        """The cursors as of the last commit, for a heartbeat: from memory once real-time
-        changes have read or moved the cursor of every scope this register follows (no
-        trip to the reader's thread: in steady state a beat reads nothing), else read. A
-        scope at 0 is left out: absent and 0 both mean nothing applied yet."""
+        """The cursors as of the last commit, for a heartbeat: from memory once a real-time
+        change has been applied since the last delta or reinit (no trip to the reader's
+        thread: in steady state a beat reads nothing), else read. A scope at 0 is left
+        out: absent and 0 both mean nothing applied yet."""
         known = self._known_cursors
         if all(scope in known for scope in self.scopes):
             return {scope: seq for scope, seq in known.items() if seq}
@@ -398,8 +397,12 @@ class Replica(CatalogReader):
             return "ignored"
         position = applying.cursors.get(change.scope)
         if position is None:
-            row = db.execute(_CURSOR, (change.scope,)).fetchone()
-            position = applying.cursors[change.scope] = 0 if row is None else int(row[0])
+            # Every followed scope's cursor in the one read: then a heartbeat can take
+            # them all from memory (see reported_cursors).
+            stored = {str(scope): int(seq) for scope, seq in db.execute(_CURSORS)}
+            for scope in self.scopes:
+                applying.cursors.setdefault(scope, stored.get(scope, 0))
+            position = applying.cursors[change.scope]
         if change.scope_seq <= position:
             return "duplicate"
         if change.scope_seq > position + 1:
