@@ -112,8 +112,9 @@ def _machine_busy_s() -> float:
     return 0.0
 
 
-def cpu_sample(central_pid: int | None, database: str) -> CpuSample:
-    """CPU seconds so far of this process (agents, submitters, baseline client), central,
+def cpu_sample(central_pid: int | None, database: str, hosts: Sequence[int] = ()) -> CpuSample:
+    """CPU seconds so far of this process and ``hosts`` (agents, submitters, baseline
+    client, wherever the bench runs them), central,
     RabbitMQ (every beam.smp), PostgreSQL's backends serving ``database``, every other
     postgres process (its WAL writer and checkpointer, and other users' sessions: a
     large figure there means someone else is loading the machine) and the machine."""
@@ -122,7 +123,7 @@ def cpu_sample(central_pid: int | None, database: str) -> CpuSample:
     return CpuSample(
         time.perf_counter(),
         {
-            "bench_process": time.process_time(),
+            "bench_process": time.process_time() + sum(_proc_cpu_s(pid) for pid in hosts),
             "central": 0.0 if central_pid is None else _proc_cpu_s(central_pid),
             "rabbitmq": sum(_proc_cpu_s(pid) for pid, _ in _processes_named("beam.smp")),
             "postgres_sandbox": ours,

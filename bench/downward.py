@@ -27,6 +27,10 @@ connection has a thread of its own, and a thousand threads contending for this o
 process's GIL cost several times the work itself (a till runs one agent per process; see
 docs/agent.md).
 
+``--fleet-processes K`` hosts the fan-out's agents, and the raw consumers alike, in K child
+processes (``_fleet_child.py``) instead of this one: registers run one per till, and one
+process's event loop is what paces a thousand of them here.
+
 Every measurement starts with ``gc.collect()`` and ``gc.freeze()`` (``--no-gc-freeze``:
 not): hundreds of registers share this process's heap, where each would have its own.
 
@@ -114,6 +118,7 @@ CENTRAL_DISTURBANCES = (
     "relay session ended",
     "database unavailable, request kept for retry",
 )
+FLEET_CHILD = Path(__file__).with_name("_fleet_child.py")
 SQLITE_THREADS = 32
 """The default of ``--sqlite-gate``: the places of the agents' shared ``sqlite_gate`` and
 the threads the raw consumers' sqlite3 calls run in (both sides run at most this many
@@ -168,6 +173,18 @@ class GcPauses:
         }
 
 
+def merge_gc_pauses(takes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:meth:`GcPauses.take` of several processes as one: counts and times added (each
+    process pauses only its own agents), the longest pause of all."""
+    return {
+        "collections": sum(t["collections"] for t in takes),
+        "total_ms": round(sum(t["total_ms"] for t in takes), 1),
+        "full": sum(t["full"] for t in takes),
+        "max_ms": max((t["max_ms"] for t in takes), default=0.0),
+        "processes": len(takes),
+    }
+
+
 # -- the registers --------------------------------------------------------------------------
 
 
@@ -182,11 +199,16 @@ class Probe:
     def callback(self, index: int) -> Callable[[CatalogEvent], None]:
         def on_change(event: CatalogEvent) -> None:
             if event.entity == "items" and event.key == PROBE_KEY and event.version is not None:
-                self.arrivals[event.version].setdefault(index, time.perf_counter())
-                self.sources[event.source] += 1
-                self._arrived.set()
+                self.record(event.version, index, time.perf_counter(), event.source)
 
         return on_change
+
+    def record(self, version: int, index: int, at: float, source: str) -> None:
+        """Replica ``index`` applied ``version`` at ``at`` (``perf_counter``: the system's
+        monotonic clock, the same in every process of this machine)."""
+        self.arrivals[version].setdefault(index, at)
+        self.sources[source] += 1
+        self._arrived.set()
 
     async def wait(self, version: int, count: int, timeout: float = WAIT_S) -> dict[int, float]:
         """Until ``count`` replicas have ``version`` (or the timeout): who had it, when."""
@@ -216,8 +238,28 @@ class Fleet:
         if self.sqlite_gate:
             self._shared = asyncio.Semaphore(self.sqlite_gate)
 
-    async def add(self, enrollments: Sequence[Enrollment], **settings: Any) -> list[Agent]:
-        """Open and run an agent per enrollment; returns them once every one is linked and
+    @property
+    def size(self) -> int:
+        return len(self.agents)
+
+    async def start(self) -> None:
+        """The agents live in this process: nothing to start."""
+
+    def pids(self) -> list[int]:
+        """Processes besides this one that host agents: none."""
+        return []
+
+    def database_paths(self) -> list[Path]:
+        return [agent.settings.database_path for agent in self.agents]
+
+    async def add(
+        self,
+        enrollments: Sequence[Enrollment],
+        indices: Sequence[int] | None = None,
+        **settings: Any,
+    ) -> list[Agent]:
+        """Open and run an agent per enrollment (reporting to the probe as ``indices``,
+        by default their places in the fleet); returns them once every one is linked and
         has finished its start-up delta."""
         gate = asyncio.Semaphore(AGENT_OPEN_CONCURRENCY)
 
@@ -240,8 +282,10 @@ class Fleet:
             return agent
 
         added = list(await asyncio.gather(*(open_one(e) for e in enrollments)))
-        for agent in added:
-            agent.on_change(self.probe.callback(len(self.agents)))
+        if indices is None:
+            indices = range(len(self.agents), len(self.agents) + len(added))
+        for agent, index in zip(added, indices, strict=True):
+            agent.on_change(self.probe.callback(index))
             self.agents.append(agent)
             self.tasks.append(asyncio.create_task(agent.run()))
         await _wait_started(added)
@@ -256,8 +300,206 @@ class Fleet:
         self.agents.clear()
         self.tasks.clear()
 
-    def reconnects(self) -> int:
+    async def reconnects(self) -> int:
         return sum(agent.link.state.reconnects for agent in self.agents)
+
+    async def settle(self, freeze: bool) -> None:
+        """The agents live in this process: its own ``GcPauses`` settles them."""
+
+    async def gc_take(self) -> list[dict[str, Any]]:
+        return []
+
+    @contextlib.asynccontextmanager
+    async def raw_consumers(
+        self, amqp_url: str, n: int, work: Path, threads: int, on_arrival: ArrivalCallback
+    ) -> AsyncIterator[None]:
+        """The raw baseline's consumers of queues 0..n-1, where the agents live."""
+        consumers = RawConsumers(amqp_url, work, min(n, threads), on_arrival)
+        try:
+            await consumers.start(range(n))
+            yield
+        finally:
+            await consumers.close()
+
+
+class FleetProcess:
+    """One child process of a :class:`ProcessFleet` (``bench/_fleet_child.py``): commands
+    as JSON lines on its stdin; on its stdout, one reply per command, between lines of
+    arrivals (which this routes as they come)."""
+
+    def __init__(
+        self, number: int, process: asyncio.subprocess.Process, fleet: ProcessFleet
+    ) -> None:
+        self.number = number
+        self.process = process
+        self._fleet = fleet
+        self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._reading = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            message: dict[str, Any] = json.loads(line)
+            if "arrivals" in message:
+                for version, index, at, source in message["arrivals"]:
+                    self._fleet.probe.record(version, index, at, source)
+            elif "raw" in message:
+                for msg_id, index, at in message["raw"]:
+                    if self._fleet.on_raw is not None:
+                        self._fleet.on_raw(msg_id, index, at)
+            else:
+                self._replies.put_nowait(message)
+        self._replies.put_nowait({"ok": False, "error": "the process ended"})
+
+    async def call(
+        self, command: str, timeout: float = START_TIMEOUT_S, **fields: Any
+    ) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps({"cmd": command, **fields}) + "\n").encode())
+        await self.process.stdin.drain()
+        reply = await asyncio.wait_for(self._replies.get(), timeout)
+        if not reply.get("ok"):
+            raise RuntimeError(f"fleet process {self.number}, {command}: {reply.get('error')}")
+        return reply
+
+    async def stop(self) -> None:
+        """``stop`` and the end of stdin (either stops it); SIGTERM after 60 s, SIGKILL
+        after 10 more."""
+        if self.process.returncode is None and self.process.stdin is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                self.process.stdin.write(b'{"cmd": "stop"}\n')
+                self.process.stdin.close()
+        for escalate in (self.process.terminate, self.process.kill):
+            try:
+                await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=60)
+                break
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    escalate()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._reading, timeout=10)
+
+
+class ProcessFleet:
+    """The fan-out's agents spread round robin over ``processes`` child processes
+    (``--fleet-processes``), each set up as this one (the GC thresholds, a ``sqlite_gate``
+    of its own); the raw baseline's consumers are spread the same way, so both sides get
+    the same processes and threads."""
+
+    def __init__(self, data_dir: Path, sqlite_gate: int, processes: int, gc_freeze: bool) -> None:
+        self.probe = Probe()
+        self.on_raw: ArrivalCallback | None = None
+        self._config = {"data_dir": str(data_dir), "sqlite_gate": sqlite_gate,
+                        "gc_freeze": gc_freeze}  # fmt: skip
+        self._processes = processes
+        self._children: list[FleetProcess] = []
+        self._paths: dict[int, Path] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self._paths)
+
+    def pids(self) -> list[int]:
+        return [child.process.pid for child in self._children]
+
+    def database_paths(self) -> list[Path]:
+        return [self._paths[index] for index in sorted(self._paths)]
+
+    async def start(self) -> None:
+        for number in range(self._processes):
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                str(FLEET_CHILD),
+                json.dumps(self._config),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                limit=1 << 24,
+                # Ctrl-C reaches the bench alone, which stops them in order (and should it
+                # die, they read the end of their stdin).
+                process_group=0,
+            )
+            self._children.append(FleetProcess(number, process, self))
+        await asyncio.gather(*(child.call("ready") for child in self._children))
+
+    async def add(self, enrollments: Sequence[Enrollment]) -> None:
+        """Register ``size + k`` goes to process ``(size + k) mod processes``."""
+        shares: dict[int, list[tuple[int, Enrollment]]] = defaultdict(list)
+        for k, enrollment in enumerate(enrollments):
+            index = self.size + k
+            shares[index % self._processes].append((index, enrollment))
+
+        async def add_share(child: FleetProcess) -> None:
+            share = shares[child.number]
+            if not share:
+                return
+            reply = await child.call(
+                "add",
+                indices=[index for index, _ in share],
+                enrollments=[_enrollment_fields(e) for _, e in share],
+            )
+            for (index, _), path in zip(share, reply["database_paths"], strict=True):
+                self._paths[index] = Path(path)
+
+        await asyncio.gather(*(add_share(child) for child in self._children))
+
+    async def _each(self, command: str, **fields: Any) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(c.call(command, **fields) for c in self._children)))
+
+    async def reconnects(self) -> int:
+        return sum(int(reply["reconnects"]) for reply in await self._each("reconnects"))
+
+    async def settle(self, freeze: bool) -> None:
+        await self._each("settle", freeze=freeze)
+
+    async def gc_take(self) -> list[dict[str, Any]]:
+        return [reply["gc"] for reply in await self._each("gc_take")]
+
+    @contextlib.asynccontextmanager
+    async def raw_consumers(
+        self, amqp_url: str, n: int, work: Path, threads: int, on_arrival: ArrivalCallback
+    ) -> AsyncIterator[None]:
+        self.on_raw = on_arrival
+        try:
+            await asyncio.gather(
+                *(
+                    child.call(
+                        "raw_start",
+                        amqp_url=amqp_url,
+                        work=str(work),
+                        threads=threads,
+                        indices=[i for i in range(n) if i % self._processes == child.number],
+                    )
+                    for child in self._children
+                )
+            )
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await self._each("raw_stop")
+            self.on_raw = None
+
+    async def stop(self) -> None:
+        stopping = asyncio.gather(*(c.stop() for c in self._children), return_exceptions=True)
+        try:
+            await asyncio.shield(stopping)
+        except asyncio.CancelledError:
+            await stopping
+            raise
+
+
+def _enrollment_fields(enrollment: Enrollment) -> dict[str, Any]:
+    """What a fleet process needs to open the register's agent (sent on its stdin: the
+    password stays off command lines)."""
+    return {
+        "register_id": enrollment.register_id,
+        "center_id": enrollment.center_id,
+        "broker_user": enrollment.broker_user,
+        "password": enrollment.password,
+        "amqp_url": enrollment.amqp_url,
+    }
+
+
+AnyFleet = Fleet | ProcessFleet
 
 
 async def _wait_started(agents: Sequence[Agent]) -> None:
@@ -327,14 +569,14 @@ class FanoutRun:
 
 
 async def tillsync_fanout(
-    editor: CatalogEditor, fleet: Fleet, changes: int, price_base: int
+    editor: CatalogEditor, fleet: AnyFleet, changes: int, price_base: int
 ) -> FanoutRun:
     """One warm-up change, then ``changes`` measured ones, one at a time."""
     timings = Timings()
     seqs: list[int] = []
     commit_ms: list[float] = []
     committed_at: list[float] = []
-    count = len(fleet.agents)
+    count = fleet.size
     version = 0
     for i in range(changes + 1):
         started = time.perf_counter()
@@ -411,21 +653,26 @@ async def change_bodies(pool: asyncpg.Pool, seqs: Sequence[int]) -> list[tuple[s
     return bodies
 
 
-def replicas_hold(fleet: Fleet, version: int) -> dict[str, Any]:
+def replicas_hold(fleet: AnyFleet, version: int) -> dict[str, Any]:
     """Every replica's row of the probe item, read from its file: at ``version``?"""
     behind = 0
-    for agent in fleet.agents:
-        with contextlib.closing(open_readonly(agent.settings.database_path)) as db:
+    paths = fleet.database_paths()
+    for path in paths:
+        with contextlib.closing(open_readonly(path)) as db:
             row = db.execute(
                 "SELECT version FROM catalog WHERE entity = 'items' AND key = ? AND scope = ?",
                 (PROBE_KEY, GLOBAL_SCOPE),
             ).fetchone()
         if row is None or int(row[0]) != version:
             behind += 1
-    return {"replicas": len(fleet.agents), "at_final_version": len(fleet.agents) - behind}
+    return {"replicas": len(paths), "at_final_version": len(paths) - behind}
 
 
 # -- fan-out: the raw baseline --------------------------------------------------------------
+
+
+ArrivalCallback = Callable[[str, int, float], None]
+"""``(message_id, queue index, perf_counter)``: a raw consumer committed a message."""
 
 
 @dataclass
@@ -438,9 +685,68 @@ class RawConsumer:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class RawConsumers:
+    """The raw baseline's consumers of some of the raw fan-out's queues, in this process:
+    plain aio-pika (one connection each, prefetch 200) and plain ``sqlite3`` on a pool of
+    ``threads`` threads."""
+
+    def __init__(
+        self, amqp_url: str, work: Path, threads: int, on_arrival: ArrivalCallback
+    ) -> None:
+        self._amqp_url = amqp_url
+        self._work = work
+        self._on_arrival = on_arrival
+        self._executor = ThreadPoolExecutor(max_workers=max(1, threads))
+        self._consumers: list[RawConsumer] = []
+
+    async def start(self, indices: Sequence[int]) -> None:
+        """Consume queues ``indices`` (declared by the publisher), each into its own file."""
+        (self._work / "raw").mkdir(parents=True, exist_ok=True)
+        consumers = [
+            RawConsumer(i, open_sqlite(self._work / "raw" / f"{i}.sqlite3", RAW_CHANGES_TABLE))
+            for i in indices
+        ]
+        self._consumers.extend(consumers)
+        gate = asyncio.Semaphore(AGENT_OPEN_CONCURRENCY)
+
+        async def start(consumer: RawConsumer) -> None:
+            async with gate:
+                await self._start(consumer)
+
+        await asyncio.gather(*(start(c) for c in consumers))
+
+    async def _start(self, consumer: RawConsumer) -> None:
+        loop = asyncio.get_running_loop()
+        consumer.connection = await aio_pika.connect(self._amqp_url, timeout=30)
+        channel = await consumer.connection.channel()
+        await channel.set_qos(prefetch_count=200)
+        queue = await channel.get_queue(f"{RAW_FANOUT_EXCHANGE}.{consumer.index}")
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            msg_id = str(message.message_id)
+            async with consumer.lock:
+                await loop.run_in_executor(
+                    self._executor, insert_change, consumer.db, msg_id, message.body
+                )
+            self._on_arrival(msg_id, consumer.index, time.perf_counter())
+            await message.ack()
+
+        await queue.consume(on_message)
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(c.connection.close() for c in self._consumers if c.connection is not None),
+            return_exceptions=True,
+        )
+        self._executor.shutdown(wait=True)
+        for consumer in self._consumers:
+            consumer.db.close()
+        self._consumers.clear()
+
+
 def _cpu_ms_per(before: CpuSample, after: CpuSample, deliveries: int) -> float:
-    """CPU of this process (every thread: the agents' or the raw consumers' SQLite work
-    included) per message delivered to one register."""
+    """CPU of the processes hosting the fleet (every thread: the agents' or the raw
+    consumers' SQLite work included) per message delivered to one register."""
     spent = after.seconds["bench_process"] - before.seconds["bench_process"]
     return round(spent * 1e3 / max(1, deliveries), 3)
 
@@ -455,18 +761,25 @@ class RawFanout:
 
 
 async def raw_fanout(
-    ctx: Context, n: int, bodies: Sequence[tuple[str, bytes]], gc_freeze: bool, threads: int
+    ctx: Context,
+    fleet: AnyFleet,
+    n: int,
+    bodies: Sequence[tuple[str, bytes]],
+    gc_freeze: bool,
+    threads: int,
 ) -> RawFanout:
     """Publish each body (the first one a warm-up) to a topic exchange with ``n`` bound
-    queues and time its way into ``n`` SQLite files."""
-    box, work = ctx.box, ctx.work
-    loop = asyncio.get_running_loop()
+    queues and time its way into ``n`` SQLite files, consumed where the fleet lives."""
+    box = ctx.box
     setup_started = time.perf_counter()
     arrivals: dict[str, dict[int, float]] = defaultdict(dict)
     arrived = asyncio.Event()
-    executor = ThreadPoolExecutor(max_workers=min(n, threads))
+
+    def on_arrival(msg_id: str, index: int, at: float) -> None:
+        arrivals[msg_id].setdefault(index, at)
+        arrived.set()
+
     publisher = await aio_pika.connect(box.amqp_url, timeout=15)
-    consumers: list[RawConsumer] = []
     try:
         channel = await publisher.channel(publisher_confirms=True)
         exchange = await channel.declare_exchange(
@@ -479,64 +792,36 @@ async def raw_fanout(
                 arguments=topology.register_queue_arguments(),
             )
             await queue.bind(exchange, "cat.global.*")
-        (work / "raw").mkdir(parents=True, exist_ok=True)
-        consumers = [
-            RawConsumer(i, open_sqlite(work / "raw" / f"{i}.sqlite3", RAW_CHANGES_TABLE))
-            for i in range(n)
-        ]
-
-        async def start(consumer: RawConsumer) -> None:
-            consumer.connection = await aio_pika.connect(box.amqp_url, timeout=30)
-            consume_channel = await consumer.connection.channel()
-            await consume_channel.set_qos(prefetch_count=200)
-            queue = await consume_channel.get_queue(f"{RAW_FANOUT_EXCHANGE}.{consumer.index}")
-
-            async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-                msg_id = str(message.message_id)
-                async with consumer.lock:
-                    await loop.run_in_executor(
-                        executor, insert_change, consumer.db, msg_id, message.body
+        async with fleet.raw_consumers(box.amqp_url, n, ctx.work, threads, on_arrival):
+            setup_s = time.perf_counter() - setup_started
+            timings = Timings()
+            await ctx.settle(fleet, gc_freeze)
+            cpu_before = ctx.cpu(fleet)
+            for i, (msg_id, body) in enumerate([(f"warm-up-{n}", bodies[0][1]), *bodies]):
+                key = f"{msg_id}/{n}"
+                message = aio_pika.Message(
+                    body,
+                    content_type=CONTENT_TYPE,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    message_id=key,
+                    type="catalog_change",
+                    app_id="bench",
+                )
+                published = time.perf_counter()
+                await exchange.publish(message, "cat.global.items", timeout=30)
+                deadline = time.monotonic() + WAIT_S
+                while len(arrivals[key]) < n and time.monotonic() < deadline:
+                    arrived.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
+                if i > 0:
+                    timings.per_change.append(
+                        [(t - published) * 1e3 for t in arrivals[key].values()]
                     )
-                arrivals[msg_id].setdefault(consumer.index, time.perf_counter())
-                arrived.set()
-                await message.ack()
-
-            await queue.consume(on_message)
-
-        gate = asyncio.Semaphore(AGENT_OPEN_CONCURRENCY)
-
-        async def start_gated(consumer: RawConsumer) -> None:
-            async with gate:
-                await start(consumer)
-
-        await asyncio.gather(*(start_gated(c) for c in consumers))
-        setup_s = time.perf_counter() - setup_started
-        timings = Timings()
-        ctx.gc_pauses.settle(gc_freeze)
-        ctx.gc_pauses.take()
-        cpu_before = ctx.cpu()
-        for i, (msg_id, body) in enumerate([(f"warm-up-{n}", bodies[0][1]), *bodies]):
-            message = aio_pika.Message(
-                body,
-                content_type=CONTENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=f"{msg_id}/{n}",
-                type="catalog_change",
-                app_id="bench",
-            )
-            published = time.perf_counter()
-            await exchange.publish(message, "cat.global.items", timeout=30)
-            deadline = time.monotonic() + WAIT_S
-            key = f"{msg_id}/{n}"
-            while len(arrivals[key]) < n and time.monotonic() < deadline:
-                arrived.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), deadline - time.monotonic())
-            if i > 0:
-                timings.per_change.append([(t - published) * 1e3 for t in arrivals[key].values()])
-                timings.missing += n - len(arrivals[key])
-            await asyncio.sleep(PAUSE_S)
-        cpu_after = ctx.cpu()
+                    timings.missing += n - len(arrivals[key])
+                await asyncio.sleep(PAUSE_S)
+            cpu_after = ctx.cpu(fleet)
+            gc_pauses = await ctx.gc_take(fleet)
         cores = cores_used(cpu_before, cpu_after)
         del cores["central"]
         return RawFanout(
@@ -544,17 +829,10 @@ async def raw_fanout(
             setup_s,
             _cpu_ms_per(cpu_before, cpu_after, n * (len(bodies) + 1)),
             cores,
-            ctx.gc_pauses.take(),
+            gc_pauses,
         )
     finally:
-        await asyncio.gather(
-            *(c.connection.close() for c in consumers if c.connection is not None),
-            return_exceptions=True,
-        )
         await publisher.close()
-        executor.shutdown(wait=True)
-        for consumer in consumers:
-            consumer.db.close()
 
 
 # -- fan-out: one N after the other ---------------------------------------------------------
@@ -571,47 +849,58 @@ class Context:
     users: list[str]
     gc_pauses: GcPauses
 
-    def cpu(self) -> CpuSample:
+    def cpu(self, fleet: AnyFleet | None = None) -> CpuSample:
+        """CPU so far; ``bench_process`` counts the fleet's processes too."""
         pid = None if self.central.process is None else self.central.process.pid
-        return cpu_sample(pid, self.box.name)
+        return cpu_sample(pid, self.box.name, () if fleet is None else fleet.pids())
 
-    def disturbances(self, fleet: Fleet) -> int:
+    async def settle(self, fleet: AnyFleet, freeze: bool) -> None:
+        """Before a measurement: collect (and freeze) here and where the fleet lives, and
+        forget the pauses so far."""
+        self.gc_pauses.settle(freeze)
+        await fleet.settle(freeze)
+        await self.gc_take(fleet)
+
+    async def gc_take(self, fleet: AnyFleet) -> dict[str, Any]:
+        """The collector's pauses since the last take, of this process and the fleet's."""
+        return merge_gc_pauses([self.gc_pauses.take(), *await fleet.gc_take()])
+
+    async def disturbances(self, fleet: AnyFleet) -> int:
         """Reconnects and lost sessions so far: a phase during which this grew was disturbed
         (another session restarted the broker or PostgreSQL)."""
-        return fleet.reconnects() + sum(
+        return await fleet.reconnects() + sum(
             self.central.count_in_log(event) for event in CENTRAL_DISTURBANCES
         )
 
 
-async def fanout_phase(ctx: Context, options: Options, fleet: Fleet) -> list[dict[str, Any]]:
+async def fanout_phase(ctx: Context, options: Options, fleet: AnyFleet) -> list[dict[str, Any]]:
     async with relay_tap(ctx.box) as tap:
         return [await fanout_size(ctx, options, fleet, n, tap) for n in options.sizes]
 
 
 async def fanout_size(
-    ctx: Context, options: Options, fleet: Fleet, n: int, tap: dict[str, float]
+    ctx: Context, options: Options, fleet: AnyFleet, n: int, tap: dict[str, float]
 ) -> dict[str, Any]:
     """Grow the fleet to ``n`` registers, then measure tillsync and the raw baseline."""
     grown = await grow(ctx, options, fleet, n)
     progress(f"fan-out N={n}: {options.changes} changes")
     deliveries = n * (options.changes + 1)  # the warm-up change included
-    disturbances = ctx.disturbances(fleet)
-    ctx.gc_pauses.settle(options.gc_freeze)
-    ctx.gc_pauses.take()
-    cpu_before = ctx.cpu()
+    disturbances = await ctx.disturbances(fleet)
+    await ctx.settle(fleet, options.gc_freeze)
+    cpu_before = ctx.cpu(fleet)
     editor = CatalogEditor(ctx.pool, changed_by="bench")
     ours = await tillsync_fanout(editor, fleet, options.changes, n * 1000)
-    cpu_after = ctx.cpu()
-    gc_pauses = ctx.gc_pauses.take()
+    cpu_after = ctx.cpu(fleet)
+    gc_pauses = await ctx.gc_take(fleet)
     check = replicas_hold(fleet, ours.last_version)
     bodies = await change_bodies(ctx.pool, ours.seqs)
     progress(f"fan-out N={n}: raw baseline")
-    raw = await raw_fanout(ctx, n, bodies, options.gc_freeze, _raw_threads(options))
+    raw = await raw_fanout(ctx, fleet, n, bodies, options.gc_freeze, _raw_threads(options))
     result = _fanout_result(
         n, ours, raw.timings, cores_used(cpu_before, cpu_after), raw.cores_used, check
     )
     result |= {
-        "disturbed": ctx.disturbances(fleet) != disturbances,
+        "disturbed": await ctx.disturbances(fleet) != disturbances,
         "commit_to_relayed": relay_delays(ours, tap),
         "gc_pauses": {"tillsync": gc_pauses, "raw": raw.gc_pauses},
         "bench_process_cpu_ms_per_delivery": {
@@ -630,10 +919,10 @@ async def fanout_size(
     return result
 
 
-async def grow(ctx: Context, options: Options, fleet: Fleet, n: int) -> dict[str, float]:
+async def grow(ctx: Context, options: Options, fleet: AnyFleet, n: int) -> dict[str, float]:
     """Provision and start registers until the fleet has ``n``; how long each step took."""
     run_id = ctx.box.name.rsplit("_", 1)[-1][:6]
-    new_ids = [f"b{run_id}-f{i + 1}" for i in range(len(fleet.agents), n)]
+    new_ids = [f"b{run_id}-f{i + 1}" for i in range(fleet.size, n)]
     ctx.users.extend(topology.register_username(r) for r in new_ids)
     progress(f"fan-out N={n}: provisioning {len(new_ids)} registers")
     started = time.perf_counter()
@@ -930,7 +1219,7 @@ async def reinit_phase(ctx: Context, options: Options, fleet: Fleet) -> dict[str
     }
     scopes = [GLOBAL_SCOPE, REINIT_CENTER]
     central_counts = await catalog_counts(ctx.pool, scopes)
-    disturbances = ctx.disturbances(fleet)
+    disturbances = await ctx.disturbances(fleet)
     runs, raws = [], []
     for run in range(options.reinit_runs):
         progress(f"reinit: run {run + 1} of {options.reinit_runs}: tillsync replace")
@@ -958,7 +1247,7 @@ async def reinit_phase(ctx: Context, options: Options, fleet: Fleet) -> dict[str
     ours = sorted(r["total_s"] for r in runs)
     theirs = sorted(r["total_s"] for r in raws)
     return {
-        "disturbed": ctx.disturbances(fleet) != disturbances,
+        "disturbed": await ctx.disturbances(fleet) != disturbances,
         "central_load": load,
         "first_sync_of_new_register": first_sync,
         "tillsync": runs,
@@ -994,6 +1283,7 @@ class Options:
     phases: list[str]
     gc_freeze: bool
     sqlite_gate: int
+    fleet_processes: int
     profile_dir: Path | None
     central_log: Path | None
     json_only: bool
@@ -1024,20 +1314,31 @@ async def run_phases(
         async with Management(services.api_url, box.name) as management:
             ctx = Context(services, box, pool, management, central, work, users, gc_pauses)
             if "fanout" in options.phases:
-                fleet = Fleet(work / "fanout", options.sqlite_gate)
+                fanout_fleet: AnyFleet = (
+                    Fleet(work / "fanout", options.sqlite_gate)
+                    if options.fleet_processes == 1
+                    else ProcessFleet(
+                        work / "fanout",
+                        options.sqlite_gate,
+                        options.fleet_processes,
+                        options.gc_freeze,
+                    )
+                )
                 try:
-                    results["fanout"] = await fanout_phase(ctx, options, fleet)
-                    results["fanout_probe_sources"] = dict(fleet.probe.sources)
+                    await fanout_fleet.start()
+                    results["fanout"] = await fanout_phase(ctx, options, fanout_fleet)
+                    results["fanout_probe_sources"] = dict(fanout_fleet.probe.sources)
                 finally:
-                    reconnects += fleet.reconnects()
-                    progress(f"stopping {len(fleet.agents)} agents")
-                    await fleet.stop()
+                    with contextlib.suppress(Exception):
+                        reconnects += await fanout_fleet.reconnects()
+                    progress(f"stopping {fanout_fleet.size} agents")
+                    await fanout_fleet.stop()
             if "reinit" in options.phases:
                 fleet = Fleet(work / "reinit", options.sqlite_gate)
                 try:
                     results["reinit"] = await reinit_phase(ctx, options, fleet)
                 finally:
-                    reconnects += fleet.reconnects()
+                    reconnects += await fleet.reconnects()
                     await fleet.stop()
         results["central_exit_code"] = await central.stop()
         # Another process restarting the broker or the database spoils the figures.
@@ -1156,6 +1457,7 @@ def report(options: Options, info: dict[str, Any], results: dict[str, Any]) -> d
             "raw_sqlite_threads": _raw_threads(options),
             "gc_freeze_before_each_measurement": options.gc_freeze,
             "agents_sqlite_gate": options.sqlite_gate or None,
+            "fleet_processes": options.fleet_processes,
         },
         "machine": info,
     }
@@ -1208,6 +1510,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         f"(default {SQLITE_THREADS}; 0: the agents unbounded)",
     )
     parser.add_argument(
+        "--fleet-processes",
+        type=int,
+        default=1,
+        help="processes the fan-out's agents (and the raw consumers) are spread over "
+        "(default 1: all in this one)",
+    )
+    parser.add_argument(
         "--central-log", type=Path, default=None, help="keep central's JSON log in this file"
     )
     parser.add_argument("--json-only", action="store_true", help="no progress on stderr")
@@ -1216,6 +1525,8 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         parser.error("--phases takes fanout, reinit or both")
     if args.changes < 1 or args.reinit_runs < 1 or args.items < 1 or args.customers < 0:
         parser.error("need --changes, --reinit-runs and --items >= 1")
+    if args.fleet_processes < 1:
+        parser.error("--fleet-processes is 1 or more")
     if args.sqlite_gate < 0:
         parser.error("--sqlite-gate is 0 (none) or a number of places")
     return Options(**vars(args))
