@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from _setup import submit_all
+from _setup import submit_all, take_stdout
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
 from tillsync_agent.process import shorten_switch_interval, tune_gc
@@ -181,9 +181,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     config = json.loads(argv[1])
-    # stdout is the bench's channel: keep a handle on it, send everything else to stderr.
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    out = take_stdout()
     configure_logging("console", "warning")
     tune_gc()  # as `tillsync-agent run` does: what a deployed agent's process runs with
     shorten_switch_interval()

@@ -41,6 +41,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
+from _setup import take_stdout
 from downward import Fleet, GcPauses, Probe, RawConsumers
 from tillsync_agent.logs import configure_logging
 from tillsync_agent.process import GC_THRESHOLDS
@@ -164,9 +165,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     config = json.loads(argv[1])
-    # stdout is the bench's channel: keep a handle on it, send everything else to stderr.
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    out = take_stdout()
     configure_logging("console", "warning")
     if config["gc_freeze"]:
         gc.set_threshold(*GC_THRESHOLDS)  # as the bench sets its own process

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import asyncpg
@@ -140,6 +140,35 @@ def cores_used(before: CpuSample, after: CpuSample) -> dict[str, float]:
         name: round((after.seconds[name] - before.seconds.get(name, 0.0)) / wall, 2)
         for name in after.seconds
     }
+
+
+# -- child processes of a bench ------------------------------------------------------------
+
+
+def take_stdout() -> IO[str]:
+    """In a bench's child process: a handle on stdout, the bench's channel; from now on
+    anything else written to stdout (a library's print) goes to stderr."""
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return out
+
+
+async def stop_child(process: asyncio.subprocess.Process, grace_s: float) -> None:
+    """``{"cmd": "stop"}`` and the end of stdin (either stops a bench's child); SIGTERM
+    after ``grace_s``, SIGKILL after as long again, then up to 10 s for it to go."""
+    if process.returncode is None and process.stdin is not None:
+        with contextlib.suppress(OSError, RuntimeError):
+            process.stdin.write(b'{"cmd": "stop"}\n')
+            process.stdin.close()
+    for escalate in (process.terminate, process.kill):
+        try:
+            await asyncio.wait_for(asyncio.shield(process.wait()), timeout=grace_s)
+            return
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                escalate()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(process.wait(), timeout=10)
 
 
 # -- a sandbox: one vhost and one database for this run -------------------------------------

@@ -83,6 +83,7 @@ from _setup import (
     progress,
     sandbox,
     services_from_env,
+    stop_child,
 )
 from tillsync_agent import Agent, load_settings
 from tillsync_agent.catalog_events import CatalogEvent
@@ -363,19 +364,8 @@ class FleetProcess:
         return reply
 
     async def stop(self) -> None:
-        """``stop`` and the end of stdin (either stops it); SIGTERM after 60 s, SIGKILL
-        after 10 more."""
-        if self.process.returncode is None and self.process.stdin is not None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.process.stdin.write(b'{"cmd": "stop"}\n')
-                self.process.stdin.close()
-        for escalate in (self.process.terminate, self.process.kill):
-            try:
-                await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=60)
-                break
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    escalate()
+        """Its 500 agents stop as SIGTERM stops one: a minute before SIGTERM."""
+        await stop_child(self.process, grace_s=60)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._reading, timeout=10)
 

@@ -53,6 +53,7 @@ from _setup import (
     progress,
     sandbox,
     services_from_env,
+    stop_child,
     submit_all,
 )
 from _setup import _proc_cpu_s as process_cpu_s
@@ -179,21 +180,7 @@ class ChildRegister(OutboxFile):
         )
 
     async def stop(self) -> None:
-        """``stop``, then closing stdin (either stops it); SIGTERM after 30 s, SIGKILL
-        after 10 more."""
-        if self.process.returncode is None and self.process.stdin is not None:
-            with contextlib.suppress(OSError, RuntimeError):
-                self.process.stdin.write(b'{"cmd": "stop"}\n')
-                self.process.stdin.close()
-        for escalate in (self.process.terminate, self.process.kill):
-            try:
-                await asyncio.wait_for(asyncio.shield(self.process.wait()), timeout=30)
-                return
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    escalate()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.process.wait(), timeout=10)
+        await stop_child(self.process, grace_s=30)
 
 
 class Fleet:
