@@ -3,12 +3,12 @@
 
     python bench/_fleet_child.py '{"data_dir": …, "sqlite_gate": 32, "gc_freeze": true}'
 
-The process is set up as the bench's own (the agent's GC thresholds unless ``gc_freeze``
-is false) and hosts agents exactly as the bench does in-process (``downward.Fleet``: the
-production defaults, one shared ``sqlite_gate``), and the raw baseline's consumers of
-the same share of queues (``downward.RawConsumers``). Commands come one JSON object a line
-on stdin; each gets one JSON reply line on stdout (``{"ok": true, …}``, or ``{"ok":
-false, "error": …}``):
+The process is set up as the bench's own (the agent's thread switch interval, and its GC
+thresholds unless ``gc_freeze`` is false) and hosts agents exactly as the bench does
+in-process (``downward.Fleet``: the production defaults, one shared ``sqlite_gate``), and
+the raw baseline's consumers of the same share of queues (``downward.RawConsumers``).
+Commands come one JSON object a line on stdin; each gets one JSON reply line on stdout
+(``{"ok": true, …}``, or ``{"ok": false, "error": …}``):
 
 - ``ready`` → once listening;
 - ``add`` with ``indices`` and ``enrollments`` (register_id, center_id, broker_user,
@@ -44,7 +44,7 @@ from typing import IO, Any
 from _setup import take_stdout
 from downward import Fleet, GcPauses, Probe, RawConsumers
 from tillsync_agent.logs import configure_logging
-from tillsync_agent.process import GC_THRESHOLDS
+from tillsync_agent.process import GC_THRESHOLDS, shorten_switch_interval
 from tillsync_central.provisioning import Enrollment
 
 FLUSH_S = 0.002
@@ -167,8 +167,9 @@ def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     out = take_stdout()
     configure_logging("console", "warning")
+    shorten_switch_interval()  # as the bench sets its own process
     if config["gc_freeze"]:
-        gc.set_threshold(*GC_THRESHOLDS)  # as the bench sets its own process
+        gc.set_threshold(*GC_THRESHOLDS)
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(serve(config, out))
     return 0

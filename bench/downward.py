@@ -89,7 +89,7 @@ from tillsync_agent import Agent, load_settings
 from tillsync_agent.catalog_events import CatalogEvent
 from tillsync_agent.delta_rpc import SyncProgress
 from tillsync_agent.logs import configure_logging
-from tillsync_agent.process import GC_THRESHOLDS
+from tillsync_agent.process import GC_THRESHOLDS, shorten_switch_interval
 from tillsync_agent.store import open_readonly
 from tillsync_central.catalog import CatalogEditor, prepare_edit
 from tillsync_central.db import init_connection
@@ -372,9 +372,9 @@ class FleetProcess:
 
 class ProcessFleet:
     """The fan-out's agents spread round robin over ``processes`` child processes
-    (``--fleet-processes``), each set up as this one (the GC thresholds, a ``sqlite_gate``
-    of its own); the raw baseline's consumers are spread the same way, so both sides get
-    the same processes and threads."""
+    (``--fleet-processes``), each set up as this one (the switch interval, the GC
+    thresholds, a ``sqlite_gate`` of its own); the raw baseline's consumers are spread the
+    same way, so both sides get the same processes and threads."""
 
     def __init__(self, data_dir: Path, sqlite_gate: int, processes: int, gc_freeze: bool) -> None:
         self.probe = Probe()
@@ -1448,6 +1448,7 @@ def report(options: Options, info: dict[str, Any], results: dict[str, Any]) -> d
             "gc_freeze_before_each_measurement": options.gc_freeze,
             "agents_sqlite_gate": options.sqlite_gate or None,
             "fleet_processes": options.fleet_processes,
+            "switch_interval_s": sys.getswitchinterval(),
         },
         "machine": info,
     }
@@ -1528,8 +1529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.profile_dir is not None:
         options.profile_dir.mkdir(parents=True, exist_ok=True)
     progress.enabled = not options.json_only
+    # As `tillsync-agent run` sets its process (tune_gc, shorten_switch_interval); both
+    # sides share this one. With the default 5 ms interval, the agents' SQLite threads
+    # waited on a busy loop for the GIL, and a change's slowest register with them.
+    shorten_switch_interval()
     if options.gc_freeze:
-        # As `tillsync-agent run` sets its process (tune_gc); both sides share this one.
         gc.set_threshold(*GC_THRESHOLDS)
     try:
         result = asyncio.run(cancel_on_sigterm(run(options, services_from_env())))
