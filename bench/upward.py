@@ -57,7 +57,7 @@ from _setup import (
     submit_all,
 )
 from _setup import _proc_cpu_s as process_cpu_s
-from tillsync_agent import Agent, load_settings
+from tillsync_agent import Agent, AgentSettings, load_settings
 from tillsync_agent.logs import configure_logging
 from tillsync_agent.process import shorten_switch_interval, tune_gc
 from tillsync_agent.simulator import Till
@@ -494,9 +494,11 @@ def breakdown(timings: Sequence[tuple[int, int | None, int]]) -> dict[str, Any]:
 
 def central_batches(log_path: Path, began_at: float, ended_at: float) -> dict[str, Any]:
     """Central's ingest batches logged within a phase (``batch committed``): how many, how
-    large, and how long each spent in PostgreSQL (``store_ms``) and publishing its acks
+    large (deliveries, and documents: a ``document_batch`` is one delivery of several), and
+    how long each spent in PostgreSQL (``store_ms``) and publishing its acks
     (``acks_ms``)."""
     sizes: list[int] = []
+    documents: list[int] = []
     store_ms: list[float] = []
     acks_ms: list[float] = []
     for line in log_path.read_text(errors="replace").splitlines():
@@ -507,11 +509,13 @@ def central_batches(log_path: Path, began_at: float, ended_at: float) -> dict[st
             at = datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
             if began_at <= at <= ended_at:
                 sizes.append(int(event["size"]))
+                documents.append(int(event["documents"]))
                 store_ms.append(float(event["store_ms"]))
                 acks_ms.append(float(event["acks_ms"]))
     return {
         "batches": len(sizes),
         "mean_size": round(sum(sizes) / len(sizes), 1) if sizes else None,
+        "mean_documents": round(sum(documents) / len(documents), 1) if documents else None,
         "store": latency_summary(store_ms),
         "acks": latency_summary(acks_ms),
     }
@@ -936,6 +940,13 @@ def report(
             "baseline_batch": 500,
             "ingest_batch_max_wait_ms": options.batch_max_wait_ms or "central default (2)",
             "agent_settings": "defaults (max_in_flight 1000, ack_timeout_s 30, synchronous=FULL)",
+            # TILLSYNC_PUBLISH_BATCH_MAX=1 in the environment: every document a message.
+            "publish_batch_max": int(
+                os.environ.get(
+                    "TILLSYNC_PUBLISH_BATCH_MAX",
+                    AgentSettings.model_fields["publish_batch_max"].default,
+                )
+            ),
         },
         "machine": info,
     }

@@ -18,7 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tillsync_protocol import MAX_MESSAGE_SIZE, ProtocolError, decode, encode, to_json
+from tillsync_protocol import (
+    MAX_BATCH_DOCUMENTS,
+    MAX_MESSAGE_SIZE,
+    ProtocolError,
+    decode,
+    encode,
+    split_batch,
+    to_json,
+)
 from tillsync_protocol.topology import definitions
 
 HERE = Path(__file__).resolve().parent
@@ -27,12 +35,14 @@ ROOT = HERE.parent.parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+from batch_vectors import BatchCase, batch_cases  # noqa: E402
 from field_tables import fields_section  # noqa: E402
 from invalid_vectors import InvalidCase, invalid_cases  # noqa: E402
 from valid_vectors import ValidCase, valid_cases  # noqa: E402
 
 VALID_DIR = HERE / "valid"
 INVALID_DIR = HERE / "invalid"
+BATCH_DIR = HERE / "batch"
 DEFINITIONS_FILE = ROOT / "deploy" / "rabbitmq" / "definitions.json"
 PROTOCOL_DOC = ROOT / "docs" / "protocol.md"
 FIELDS_BEGIN = "<!-- fields:begin -->"
@@ -75,6 +85,29 @@ def invalid_document(case: InvalidCase) -> dict[str, Any]:
     return out
 
 
+def batch_document(case: BatchCase) -> dict[str, Any]:
+    limit = case.max_documents or MAX_BATCH_DOCUMENTS
+    out: dict[str, Any] = {"name": case.name, "description": case.description}
+    if case.max_documents is not None:
+        out["max_documents"] = case.max_documents
+    out["hex"] = case.data.hex()
+    try:
+        documents = split_batch(case.data, max_documents=limit)
+    except ProtocolError as exc:
+        if case.documents is not None or (exc.code, exc.field) != (case.code, case.field):
+            raise SystemExit(
+                f"{case.name}: the library says {exc.code} at {exc.field!r} ({exc.reason})"
+            ) from None
+        out["error"] = {"code": case.code, "field": case.field}
+        return out
+    if documents != case.documents:
+        raise SystemExit(f"{case.name}: split into other documents than expected")
+    for document in documents:
+        decode(document)  # every document of a valid batch is itself valid
+    out["documents"] = [document.hex() for document in documents]
+    return out
+
+
 def vector_files() -> dict[Path, str]:
     """Every vector file, by path, with the text it must hold."""
     files: dict[Path, str] = {}
@@ -82,7 +115,9 @@ def vector_files() -> dict[Path, str]:
         files[VALID_DIR / f"{case.name}.json"] = dumps(valid_document(case))
     for bad in invalid_cases():
         files[INVALID_DIR / f"{bad.name}.json"] = dumps(invalid_document(bad))
-    if len(files) != len(valid_cases()) + len(invalid_cases()):
+    for batch in batch_cases():
+        files[BATCH_DIR / f"{batch.name}.json"] = dumps(batch_document(batch))
+    if len(files) != len(valid_cases()) + len(invalid_cases()) + len(batch_cases()):
         raise SystemExit("two vectors share a name")
     return files
 
@@ -100,7 +135,7 @@ def docs_text(current: str) -> str:
 
 def write_vectors() -> None:
     files = vector_files()
-    for folder in (VALID_DIR, INVALID_DIR):
+    for folder in (VALID_DIR, INVALID_DIR, BATCH_DIR):
         folder.mkdir(exist_ok=True)
         for stale in folder.glob("*.json"):
             if stale not in files:

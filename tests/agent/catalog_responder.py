@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from tillsync_central.topology import declare_topology
 from tillsync_protocol import (
+    BATCH_TYPE,
     CONTENT_TYPE,
     Ack,
     AckBody,
@@ -35,6 +36,7 @@ from tillsync_protocol import (
     decode_control,
     decode_document,
     encode,
+    split_batch,
     topology,
 )
 from tillsync_protocol.envelope import ControlMessage
@@ -200,7 +202,11 @@ class FakeCentral:
         await self._publish(topology.REGISTERS_EXCHANGE, key, end, body.request_id)
 
     async def on_document(self, message: AbstractIncomingMessage) -> None:
-        self.documents.append(decode_document(message.body))
+        # Several due documents come as one document_batch, as central accepts them.
+        if message.type == BATCH_TYPE:
+            self.documents.extend(decode_document(d) for d in split_batch(message.body))
+        else:
+            self.documents.append(decode_document(message.body))
         await message.ack()
 
 

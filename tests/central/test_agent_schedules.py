@@ -65,6 +65,7 @@ async def started_agent(enrollment: Enrollment, data_dir: Path, interval: float)
         "amqp_url": enrollment.amqp_url,
         "data_dir": data_dir,
         "ack_timeout_s": 3600.0,  # only the sweep may publish a document again
+        "publish_batch_max": 1,  # a message per document: the queue's depth counts them
         "sweep_interval_s": interval,
         "catalog_check_interval_s": interval,
     }

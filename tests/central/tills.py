@@ -19,7 +19,16 @@ import msgpack
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from tillsync_central.provisioning import Enrollment
-from tillsync_protocol import Ack, Rejection, decode_control, encode, topology, validate
+from tillsync_protocol import (
+    BATCH_TYPE,
+    Ack,
+    Rejection,
+    decode_control,
+    encode,
+    encode_batch,
+    topology,
+    validate,
+)
 
 T0 = 1_767_258_000_000
 
@@ -157,6 +166,10 @@ class Till:
             user_id=self.enrollment.broker_user,
         )
         await exchange.publish(message, key, timeout=10)
+
+    async def publish_batch(self, payloads: list[bytes]) -> None:
+        """``payloads`` (encoded documents) in one ``document_batch``, as the agent does."""
+        await self.publish(encode_batch(payloads), doc_type=BATCH_TYPE)
 
     async def publish_documents(self, raws: Iterable[dict[str, Any]]) -> list[bytes]:
         payloads = []

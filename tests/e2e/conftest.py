@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -129,6 +130,17 @@ class Central:
         )
         self.enrollments[register_id] = enrollment
         return enrollment
+
+    def ingested(self) -> tuple[int, int]:
+        """Deliveries and documents of every ingest batch this process logged: a
+        ``document_batch`` is one delivery of several documents."""
+        deliveries = documents = 0
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if '"batch committed"' in line:
+                event = json.loads(line)
+                deliveries += int(event["size"])
+                documents += int(event["documents"])
+        return deliveries, documents
 
     async def stored(self, register_id: str | None = None) -> int:
         if register_id is None:

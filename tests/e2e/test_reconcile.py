@@ -53,8 +53,9 @@ async def _drop_from_ingest_queue(amqp_url: str, seq: int, expected: int) -> str
 
 async def test_a_lost_document_is_asked_for_and_resent(central: Central, tmp_path) -> None:
     enrollment = await central.provision("c-1", "r-hole")
-    # The agent would resend on its own only after ten minutes.
-    settings = agent_settings(enrollment, tmp_path, ack_timeout_s=600.0)
+    # The agent would resend on its own only after ten minutes; one message a document, so
+    # one of them can be lost alone.
+    settings = agent_settings(enrollment, tmp_path, ack_timeout_s=600.0, publish_batch_max=1)
     async with running_agent(settings) as agent:
         central.kill()
         await submit_receipts(agent, 20)

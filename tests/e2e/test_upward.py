@@ -67,6 +67,29 @@ async def test_offline_for_thousands_then_reconnect_drains_to_zero(
             assert await central.stored("r-off") == 0
             proxy.refuse(False)
             await assert_converged(central, agent, timeout=120)
+    # The backlog went up in document batches (at most publish_batch_max, 50, each).
+    deliveries, documents = central.ingested()
+    assert documents == 3000
+    assert 3000 // 50 <= deliveries <= 3000 // 10
+
+
+async def test_with_publish_batch_max_1_every_document_is_a_message_of_its_own(
+    central: Central, tmp_path
+) -> None:
+    enrollment = await central.provision("c-1", "r-single")
+    async with FaultProxy("127.0.0.1", 5672) as proxy:
+        proxy.refuse(True)  # a backlog, which would otherwise go in batches
+        settings = agent_settings(
+            enrollment,
+            tmp_path,
+            amqp_url=proxy.url_for(enrollment.amqp_url),
+            publish_batch_max=1,
+        )
+        async with running_agent(settings) as agent:
+            await submit_receipts(agent, 200)
+            proxy.refuse(False)
+            await assert_converged(central, agent)
+    assert central.ingested() == (200, 200)
 
 
 async def test_link_cut_and_slowed_mid_stream(central: Central, tmp_path) -> None:

@@ -8,12 +8,15 @@ from typing import Any
 import pytest
 
 from tillsync_protocol import (
+    MAX_BATCH_DOCUMENTS,
     MAX_MESSAGE_SIZE,
     MESSAGE_TYPES,
     PROTOCOL_ERROR_CODES,
     ProtocolError,
     decode,
     encode,
+    encode_batch,
+    split_batch,
     to_json,
 )
 
@@ -21,6 +24,7 @@ from .vectors import VECTORS, generator, load
 
 VALID = load("valid")
 INVALID = load("invalid")
+BATCHES = load("batch")
 
 
 @pytest.mark.parametrize("vector", VALID, ids=[v["name"] for v in VALID])
@@ -48,6 +52,31 @@ def test_invalid_vector_raises_its_code_and_field(vector: dict[str, Any]) -> Non
     assert error.reason
 
 
+@pytest.mark.parametrize("vector", BATCHES, ids=[v["name"] for v in BATCHES])
+def test_batch_vector_splits_into_its_documents_or_raises_its_error(
+    vector: dict[str, Any],
+) -> None:
+    data = bytes.fromhex(vector["hex"])
+    limit = vector.get("max_documents", MAX_BATCH_DOCUMENTS)
+    if "error" in vector:
+        with pytest.raises(ProtocolError) as caught:
+            split_batch(data, max_documents=limit)
+        assert {"code": caught.value.code, "field": caught.value.field} == vector["error"]
+        assert caught.value.reason
+        return
+    documents = split_batch(data, max_documents=limit)
+    assert [d.hex() for d in documents] == vector["documents"]
+    assert encode_batch(documents) == data  # the canonical encoding
+    for document in documents:
+        decode(document)
+
+
+def test_batch_vectors_cover_valid_and_every_batch_error() -> None:
+    assert sum("documents" in v for v in BATCHES) >= 2
+    codes = {(v["error"]["code"], v["error"]["field"]) for v in BATCHES if "error" in v}
+    assert {code for code, _ in codes} == {"malformed", "out_of_range", "wrong_type"}
+
+
 def test_vector_files_are_well_formed() -> None:
     for vector in VALID:
         assert set(vector) <= {"name", "description", "hex", "decoded", "canonical"}
@@ -56,7 +85,10 @@ def test_vector_files_are_well_formed() -> None:
         assert set(vector) <= {"name", "description", "hex", "error", "max_size"}
         assert {"name", "description", "hex", "error"} <= set(vector)
         assert set(vector["error"]) == {"code", "field"}
-    for kind in ("valid", "invalid"):
+    for vector in BATCHES:
+        assert set(vector) <= {"name", "description", "hex", "documents", "error", "max_documents"}
+        assert ("documents" in vector) != ("error" in vector)
+    for kind in ("valid", "invalid", "batch"):
         for path in (VECTORS / kind).glob("*.json"):
             assert json.loads(path.read_text(encoding="utf-8"))["name"] == path.stem
 
@@ -88,7 +120,7 @@ def test_committed_vectors_are_what_the_generator_writes() -> None:
     expected = generator().vector_files()
     on_disk = {
         path: path.read_text(encoding="utf-8")
-        for kind in ("valid", "invalid")
+        for kind in ("valid", "invalid", "batch")
         for path in (VECTORS / kind).glob("*.json")
     }
     assert sorted(on_disk) == sorted(expected)

@@ -5,11 +5,16 @@ channel is opened with ``on_return_raises`` and every publish is ``mandatory``, 
 unroutable message (which RabbitMQ still confirms) is a failure, as is a nack, a timeout
 or a lost connection. Failures are retried with exponential backoff and jitter; rows
 published but not acknowledged by central are published again after ``ack_timeout``.
+
+Several rows due at once go in runs of up to ``publish_batch_max`` per message, a
+``document_batch`` of their stored bytes (docs/protocol.md): broker and consumers pay
+per message. A batch's confirm, or failure, is each of its rows'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -17,7 +22,8 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractExchange
 
-from tillsync_protocol import CONTENT_TYPE, Backoff, topology
+from tillsync_protocol import BATCH_TYPE, CONTENT_TYPE, MAX_BATCH_SIZE, Backoff, topology
+from tillsync_protocol.batch import batch_overhead, encode_batch
 
 from .outbox import Outbox, OutboxRow, now_ms
 from .settings import AgentSettings
@@ -74,9 +80,12 @@ class Sender:
         return min(3600.0, max(0.01, (next_due - now_ms()) / 1000))
 
     async def _publish(self, exchange: AbstractExchange, rows: list[OutboxRow]) -> None:
-        results = await asyncio.gather(
-            *(self._publish_one(exchange, row) for row in rows), return_exceptions=True
+        groups = _groups(rows, self._settings.publish_batch_max)
+        outcomes = await asyncio.gather(
+            *(self._publish_group(exchange, group) for group in groups), return_exceptions=True
         )
+        # A batch stands or falls as one message: its outcome is each of its rows'.
+        results = [outcome for group, outcome in zip(groups, outcomes, strict=True) for _ in group]
         now = now_ms()
         published: list[tuple[int, int]] = []
         failed: list[tuple[int, int]] = []
@@ -113,6 +122,23 @@ class Sender:
         if connection_lost is not None:
             raise connection_lost
 
+    async def _publish_group(self, exchange: AbstractExchange, rows: list[OutboxRow]) -> object:
+        if len(rows) == 1:
+            return await self._publish_one(exchange, rows[0])
+        message = aio_pika.Message(
+            encode_batch([row.payload for row in rows]),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=str(uuid.uuid4()),
+            user_id=self._user_id,
+            type=BATCH_TYPE,
+            app_id="tillsync-agent",
+        )
+        key = topology.document_key(self._outbox.center_id, self._outbox.register_id, BATCH_TYPE)
+        return await exchange.publish(
+            message, key, mandatory=True, timeout=self._settings.publish_timeout_s
+        )
+
     async def _publish_one(self, exchange: AbstractExchange, row: OutboxRow) -> object:
         message = aio_pika.Message(
             row.payload,
@@ -127,6 +153,25 @@ class Sender:
         return await exchange.publish(
             message, key, mandatory=True, timeout=self._settings.publish_timeout_s
         )
+
+
+def _groups(rows: list[OutboxRow], most: int) -> list[list[OutboxRow]]:
+    """``rows`` cut, in order, into runs of at most ``most`` that fit one batch message."""
+    groups: list[list[OutboxRow]] = []
+    group: list[OutboxRow] = []
+    size = 0
+    for row in rows:
+        grown = size + len(row.payload)
+        if group and (
+            len(group) >= most or grown + batch_overhead(len(group) + 1) > MAX_BATCH_SIZE
+        ):
+            groups.append(group)
+            group, grown = [], len(row.payload)
+        group.append(row)
+        size = grown
+    if group:
+        groups.append(group)
+    return groups
 
 
 def _describe(result: object) -> str:

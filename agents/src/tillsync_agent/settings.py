@@ -14,7 +14,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from tillsync_protocol import ConfigError
+from tillsync_protocol import MAX_BATCH_DOCUMENTS, ConfigError
 
 __all__ = ["AgentSettings", "load_settings"]
 
@@ -50,6 +50,9 @@ class AgentSettings(BaseSettings):
     sweep_interval_s: float = Field(6 * 3600.0, gt=0)
     """Every this often, everything not yet acknowledged is published again (seeds: 6–12 h)."""
     max_in_flight: int = Field(1000, ge=1, le=100_000)
+    publish_batch_max: int = Field(50, ge=1, le=MAX_BATCH_DOCUMENTS)
+    """Most documents published in one message (a ``document_batch``, docs/protocol.md)
+    when several are due at once; 1 publishes every document in a message of its own."""
 
     labels: list[str] = []
     """Labels of this register: it keeps only items with no labels or sharing one of these."""

@@ -6,6 +6,7 @@ side. ``docs/protocol.md`` documents exactly what is exported here.
 
 from . import topology
 from .backoff import Backoff
+from .batch import BATCH_TYPE, MAX_BATCH_DOCUMENTS, MAX_BATCH_SIZE, encode_batch, split_batch
 from .catalog import CUSTOMER_ENTITIES, ENTITIES, GLOBAL_SCOPE
 from .codec import (
     CONTENT_TYPE,
@@ -92,12 +93,15 @@ from .errors import (
 __version__ = "1.0.0"
 
 __all__ = [
+    "BATCH_TYPE",
     "CONTENT_TYPE",
     "CONTROL_TYPES",
     "CUSTOMER_ENTITIES",
     "DOCUMENT_TYPES",
     "ENTITIES",
     "GLOBAL_SCOPE",
+    "MAX_BATCH_DOCUMENTS",
+    "MAX_BATCH_SIZE",
     "MAX_MESSAGE_SIZE",
     "MESSAGE_TYPES",
     "PROTOCOL_ERROR_CODES",
@@ -169,7 +173,9 @@ __all__ = [
     "decode_control",
     "decode_document",
     "encode",
+    "encode_batch",
     "field_path",
+    "split_batch",
     "to_json",
     "topology",
     "validate",

@@ -2,7 +2,8 @@
 
 Per batch (:class:`IngestWorker`, any number competing on the quorum queue):
 
-1. check every delivery (:func:`tillsync_central.intake.inspect`);
+1. check every delivery, every document of a ``document_batch`` on its own
+   (:func:`tillsync_central.intake.inspect_message`);
 2. apply the batch in one transaction (:func:`tillsync_central.store.store`): new
    documents stored, repeats recognised by content hash, conflicts and refusals recorded;
    if PostgreSQL is unreachable the batch is kept and retried with capped backoff, never
@@ -40,7 +41,7 @@ from .acks import ack_messages
 from .consumer import BatchConsumer, Session
 from .db import connect
 from .dead_letters import DeadLetter, insert_dead_letters, json_safe
-from .intake import Delivery, inspect
+from .intake import Delivery, inspect, inspect_message
 from .settings import CentralSettings
 from .store import ADVANCE_STATE, BatchResult, is_transient, store
 
@@ -60,6 +61,7 @@ class IngestStats:
 
     batches: int = 0
     deliveries: int = 0
+    documents: int = 0  # deliveries count a document_batch once, this each of its documents
     stored: int = 0
     duplicates: int = 0
     conflicts: int = 0
@@ -155,7 +157,9 @@ class IngestWorker(BatchConsumer):
 
     async def handle(self, batch: Sequence[AbstractIncomingMessage], session: Session) -> bool:
         started = time.perf_counter()
-        inspections = [inspect(delivery_of(message)) for message in batch]
+        inspections = [
+            inspection for message in batch for inspection in inspect_message(delivery_of(message))
+        ]
         inspected = time.perf_counter()
         while True:
             try:
@@ -180,7 +184,7 @@ class IngestWorker(BatchConsumer):
             "store_ms": round((stored - inspected) * 1000, 2),
             "acks_ms": round((acked - stored) * 1000, 2),
         }
-        self._count(len(batch), result, timings)
+        self._count(len(batch), len(inspections), result, timings)
         return True
 
     async def _publish_acks(self, exchange: AbstractExchange, result: BatchResult) -> None:
@@ -192,10 +196,13 @@ class IngestWorker(BatchConsumer):
         await asyncio.gather(*publishes)
         self.stats.acks_published += len(publishes)
 
-    def _count(self, size: int, result: BatchResult, timings: dict[str, float]) -> None:
+    def _count(
+        self, size: int, documents: int, result: BatchResult, timings: dict[str, float]
+    ) -> None:
         stats = self.stats
         stats.batches += 1
         stats.deliveries += size
+        stats.documents += documents
         stats.stored += result.stored
         stats.duplicates += result.duplicates
         stats.conflicts += result.conflicts
@@ -207,6 +214,7 @@ class IngestWorker(BatchConsumer):
             "batch committed",
             consumer=self.name,
             size=size,
+            documents=documents,
             stored=result.stored,
             duplicates=result.duplicates,
             conflicts=result.conflicts,

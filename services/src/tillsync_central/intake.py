@@ -10,6 +10,12 @@ The checks, in order (the first failure is the verdict):
    type are the body's: else ``identity_mismatch``, with the body field that disagrees;
 5. the register is known, not revoked and in the body's center: else ``unknown_register``.
 
+A ``document_batch`` (routing key ``<center>.<register>.document_batch``) is first split
+into its documents (:func:`tillsync_protocol.split_batch`; a batch that does not split is
+refused whole with that error), then each document goes through steps 3-5 with the
+batch's ``user_id`` and routing key, step 4 comparing only center and register
+(:func:`inspect_message`).
+
 Steps 1-4 need nothing but the delivery (:func:`inspect`); step 5 needs the registers
 table (:func:`check_register`). A refusal is sent back to a register only when the
 broker vouched for it: its ``user_id`` names a known, active register
@@ -20,18 +26,20 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
 import msgpack
 
 from tillsync_protocol import (
+    BATCH_TYPE,
     Document,
     ProtocolError,
     RejectedError,
     TillsyncError,
     decode_document,
+    split_batch,
     topology,
 )
 
@@ -42,6 +50,7 @@ __all__ = [
     "attribute",
     "check_register",
     "inspect",
+    "inspect_message",
     "register_of_user",
 ]
 
@@ -93,8 +102,23 @@ def register_of_user(user_id: str | None) -> str | None:
     return register_id if _REGISTER_ID.match(register_id) else None
 
 
-def inspect(delivery: Delivery) -> Inspection:
-    """Run the checks that need only the delivery itself (steps 1-4)."""
+def inspect_message(delivery: Delivery) -> list[Inspection]:
+    """A document's inspection, or one per document of a ``document_batch``: each
+    document of a batch is checked, stored, refused and acknowledged on its own, with the
+    batch's routing key and ``user_id``. A batch that does not split is one refusal."""
+    key = topology.parse_document_key(delivery.routing_key)
+    if key is None or key[2] != BATCH_TYPE or not delivery.user_id:
+        return [inspect(delivery)]
+    try:
+        members = split_batch(delivery.body)
+    except ProtocolError as exc:
+        return [Inspection(delivery, None, exc, key[1], None, None)]
+    return [inspect(replace(delivery, body=member), batched=True) for member in members]
+
+
+def inspect(delivery: Delivery, *, batched: bool = False) -> Inspection:
+    """Run the checks that need only the delivery itself (steps 1-4); ``batched`` for a
+    document of a batch, whose routing key names no document type."""
     document: Document | None = None
     error: TillsyncError | None = None
     key = topology.parse_document_key(delivery.routing_key)
@@ -116,7 +140,7 @@ def inspect(delivery: Delivery) -> Inspection:
         except ProtocolError as exc:
             error = exc
     if document is not None and key is not None:
-        error = _identity_error(document, key, delivery.user_id)
+        error = _identity_error(document, key, delivery.user_id, batched)
     if document is not None:
         return Inspection(
             delivery, document, error, document.register_id, document.seq, document.doc_id
@@ -128,9 +152,11 @@ def inspect(delivery: Delivery) -> Inspection:
 
 
 def _identity_error(
-    document: Document, key: tuple[str, str, str], user_id: str | None
+    document: Document, key: tuple[str, str, str], user_id: str | None, batched: bool
 ) -> TillsyncError | None:
     center, register, doc_type = key
+    if batched:
+        doc_type = document.type
     if user_id != topology.register_username(document.register_id):
         return RejectedError(
             f"user_id {user_id!r} may not send documents of register {document.register_id!r}",

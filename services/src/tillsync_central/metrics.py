@@ -201,6 +201,11 @@ class _ProcessCounters(Collector):
                 "Deliveries from tillsync.ingest handled (stored, duplicate, conflict or refused).",
                 ingest.deliveries,
             ),
+            (
+                "tillsync_ingest_documents",
+                "Documents in those deliveries (a document_batch counts each of its documents).",
+                ingest.documents,
+            ),
             ("tillsync_ingest_stored", "New documents stored.", ingest.stored),
             (
                 "tillsync_ingest_duplicates",
