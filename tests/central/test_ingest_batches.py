@@ -8,11 +8,13 @@ from typing import Any
 
 import asyncpg
 import msgpack
-from tills import Till, canonical, pack, receipt_body, until
+from tills import Till, canonical, pack, raw_document, receipt_body, until
 
 from conftest import Enroll, new_id
+from tillsync_central.intake import Delivery, inspect_kept
 from tillsync_central.runner import IngestService
 from tillsync_protocol import BATCH_TYPE, encode_batch
+from tillsync_protocol.topology import document_key
 
 
 async def _count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
@@ -139,3 +141,21 @@ async def test_a_batch_that_does_not_split_is_one_dead_letter_and_traffic_flows_
     got = {bytes(r["payload"]): (r["code"], r["field"]) for r in letters}
     assert got == broken
     assert {r["register_id"] for r in letters} == {till.register_id}
+
+
+def test_kept_bytes_under_a_batch_key_replay_as_one_document_or_as_the_whole_batch() -> None:
+    center, register = "c-1", "r-1"
+    raws = [raw_document(center, register, seq) for seq in (1, 2, 3)]
+    members = [canonical(raw) for raw in raws]
+
+    def kept(body: bytes) -> Delivery:
+        key = document_key(center, register, BATCH_TYPE)
+        return Delivery(body, key, f"reg-{register}", None, {})
+
+    [one] = inspect_kept(kept(members[1]))  # a document of a batch, dead-lettered alone
+    assert (one.error, one.seq) == (None, 2)
+    whole = inspect_kept(kept(encode_batch(members)))  # a batch the broker gave up on
+    assert [(i.error, i.seq) for i in whole] == [(None, 1), (None, 2), (None, 3)]
+    [broken] = inspect_kept(kept(b"\x93"))  # truncated
+    assert broken.error is not None
+    assert broken.error.code == "malformed"

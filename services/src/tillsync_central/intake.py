@@ -50,6 +50,7 @@ __all__ = [
     "attribute",
     "check_register",
     "inspect",
+    "inspect_kept",
     "inspect_message",
     "register_of_user",
 ]
@@ -114,6 +115,21 @@ def inspect_message(delivery: Delivery) -> list[Inspection]:
     except ProtocolError as exc:
         return [Inspection(delivery, None, exc, key[1], None, None)]
     return [inspect(replace(delivery, body=member), batched=True) for member in members]
+
+
+def inspect_kept(delivery: Delivery) -> list[Inspection]:
+    """:func:`inspect_message` for bytes kept as a dead letter (a replay). Under a batch's
+    routing key ingest keeps either one document of the batch (a MessagePack map) or the
+    whole body (an array: a batch that did not split, or one the broker gave up on)."""
+    key = topology.parse_document_key(delivery.routing_key)
+    if key is not None and key[2] == BATCH_TYPE and _is_map(delivery.body):
+        return [inspect(delivery, batched=True)]
+    return inspect_message(delivery)
+
+
+def _is_map(body: bytes) -> bool:
+    """Whether MessagePack ``body`` starts with a map (fixmap, map 16 or map 32)."""
+    return bool(body) and (0x80 <= body[0] <= 0x8F or body[0] in (0xDE, 0xDF))
 
 
 def inspect(delivery: Delivery, *, batched: bool = False) -> Inspection:

@@ -272,6 +272,42 @@ async def test_a_dead_letter_is_replayed_through_ingest_after_the_fix(
     )  # fmt: skip
 
 
+async def test_a_document_of_a_batch_is_replayed_on_its_own_after_the_fix(
+    clients: Clients, pool: asyncpg.Pool, enroll: Enroll, ingest: IngestService
+) -> None:
+    enrollment = await enroll()
+    register_id = enrollment.register_id
+    await pool.execute("INSERT INTO centers (center_id, name) VALUES ('elsewhere', 'Elsewhere')")
+    await pool.execute(
+        "UPDATE registers SET center_id = 'elsewhere' WHERE register_id = $1", register_id
+    )
+    async with Till(enrollment) as till:
+        members = [canonical(till.document(seq)) for seq in (1, 2)]
+        await till.publish_batch(members)
+        acks = await till.wait_for([1, 2])
+        assert {acks.rejected[s].code for s in (1, 2)} == {"unknown_register"}
+        listed = (await clients.viewer.get("/api/dead-letters", params={"status": "new"})).json()
+        letters = {d["seq"]: d for d in listed["dead_letters"]}
+        assert sorted(letters) == [1, 2]
+        await pool.execute(
+            "UPDATE registers SET center_id = $2 WHERE register_id = $1",
+            register_id,
+            enrollment.center_id,
+        )
+        # The kept bytes are the document's own, under the batch's routing key.
+        path = f"/api/dead-letters/{letters[2]['id']}/replay"
+        done = await clients.supervisor.post(path, json={"note": "center fixed"})
+        assert done.status_code == 200, done.text
+        assert done.json() == {
+            "outcome": "stored", "register_id": register_id, "seq": 2, "acks_published": 1,
+        }  # fmt: skip
+        await until(lambda: _accepted(till, 2), timeout=20)
+    assert await pool.fetchval("SELECT array_agg(seq) FROM documents") == [2]
+    assert bytes(await pool.fetchval("SELECT payload FROM documents")) == members[1]
+    statuses = await pool.fetch("SELECT seq, status FROM dead_letters ORDER BY seq")
+    assert [(r["seq"], r["status"]) for r in statuses] == [(1, "new"), (2, "replayed")]
+
+
 async def _accepted(till: Till, seq: int) -> bool:
     return seq in till.acks.accepted
 

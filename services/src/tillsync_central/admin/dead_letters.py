@@ -3,7 +3,8 @@ possible, raw hex always), replay after a fix, discard with a reason, resolve a 
 
 **Replay** cannot republish the stored bytes: the broker validates ``user_id`` against
 the connection's user, so central could not send as ``reg-<id>``. It runs them through
-ingest's own path instead, in this process: :func:`~tillsync_central.intake.inspect` (the
+ingest's own path instead, in this process: :func:`~tillsync_central.intake.inspect_kept`
+(one document, or every document of a kept ``document_batch`` body; the
 same checks, with the ``user_id`` and routing key the broker vouched for when the message
 first arrived), :func:`~tillsync_central.store.store` (the same idempotent transaction)
 and the register's ack, published on ``tillsync.registers`` as an ingest worker would.
@@ -27,7 +28,7 @@ from tillsync_protocol import ProtocolError, decode, to_json, topology
 from ..acks import ack_messages
 from ..confirms import publish_in_order
 from ..dead_letters import json_safe
-from ..intake import Delivery, inspect
+from ..intake import Delivery, inspect_kept
 from ..settings import CentralSettings
 from ..store import BatchResult, store
 from .errors import AdminError
@@ -199,10 +200,11 @@ async def replay(
         message_id=row["message_id"],
         headers=dict(row["headers"] or {}),
     )
-    inspection = inspect(delivery)
-    if inspection.error is not None:
-        raise _refused(inspection.error.to_dict())
-    result = await store(pool, [inspection])
+    inspections = inspect_kept(delivery)
+    for inspection in inspections:
+        if inspection.error is not None:
+            raise _refused(inspection.error.to_dict())
+    result = await store(pool, inspections)
     if result.refused:
         refusal = await pool.fetchrow(_REFUSAL, payload)
         raise _refused(
@@ -213,7 +215,8 @@ async def replay(
     async with pool.acquire() as conn, conn.transaction():
         await _lock_new(conn, letter_id)
         await conn.execute(_SETTLE, letter_id, "replayed", note or outcome)
-    return Replay(outcome, inspection.register_id, inspection.seq, acks)
+    first = inspections[0]  # a batch's documents: the register's, from the first seq
+    return Replay(outcome, first.register_id, first.seq, acks)
 
 
 def _refused(error: dict[str, Any]) -> AdminError:
