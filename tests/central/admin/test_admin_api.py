@@ -209,16 +209,26 @@ async def test_documents_page_by_cursor_with_integer_totals(
     assert forged.json()["error"]["field"] == "cursor"
 
 
+async def _move_by_mistake(pool: asyncpg.Pool, register_id: str) -> None:
+    """The register is moved to another center by mistake: ingest refuses its documents."""
+    await pool.execute("INSERT INTO centers (center_id, name) VALUES ('elsewhere', 'Elsewhere')")
+    await pool.execute(
+        "UPDATE registers SET center_id = 'elsewhere' WHERE register_id = $1", register_id
+    )
+
+
+async def _move_back(pool: asyncpg.Pool, register_id: str, center_id: str) -> None:
+    await pool.execute(
+        "UPDATE registers SET center_id = $2 WHERE register_id = $1", register_id, center_id
+    )
+
+
 async def test_a_dead_letter_is_replayed_through_ingest_after_the_fix(
     clients: Clients, pool: asyncpg.Pool, enroll: Enroll, ingest: IngestService
 ) -> None:
     enrollment = await enroll()
     register_id = enrollment.register_id
-    # The register is moved to another center by mistake: its documents are refused.
-    await pool.execute("INSERT INTO centers (center_id, name) VALUES ('elsewhere', 'Elsewhere')")
-    await pool.execute(
-        "UPDATE registers SET center_id = 'elsewhere' WHERE register_id = $1", register_id
-    )
+    await _move_by_mistake(pool, register_id)  # its documents are refused
     async with Till(enrollment) as till:
         await till.publish_documents([till.document(1)])
         acks = await till.wait_for([1])
@@ -244,11 +254,7 @@ async def test_a_dead_letter_is_replayed_through_ingest_after_the_fix(
         assert await pool.fetchval("SELECT count(*) FROM documents") == 0
         assert await pool.fetchval("SELECT count(*) FROM dead_letters") == 1  # not doubled
 
-        await pool.execute(  # the fix
-            "UPDATE registers SET center_id = $2 WHERE register_id = $1",
-            register_id,
-            enrollment.center_id,
-        )
+        await _move_back(pool, register_id, enrollment.center_id)  # the fix
         done = await clients.supervisor.post(path, json={"note": "center fixed"})
         assert done.status_code == 200, done.text
         assert done.json() == {
@@ -277,10 +283,7 @@ async def test_a_document_of_a_batch_is_replayed_on_its_own_after_the_fix(
 ) -> None:
     enrollment = await enroll()
     register_id = enrollment.register_id
-    await pool.execute("INSERT INTO centers (center_id, name) VALUES ('elsewhere', 'Elsewhere')")
-    await pool.execute(
-        "UPDATE registers SET center_id = 'elsewhere' WHERE register_id = $1", register_id
-    )
+    await _move_by_mistake(pool, register_id)
     async with Till(enrollment) as till:
         members = [canonical(till.document(seq)) for seq in (1, 2)]
         await till.publish_batch(members)
@@ -289,11 +292,7 @@ async def test_a_document_of_a_batch_is_replayed_on_its_own_after_the_fix(
         listed = (await clients.viewer.get("/api/dead-letters", params={"status": "new"})).json()
         letters = {d["seq"]: d for d in listed["dead_letters"]}
         assert sorted(letters) == [1, 2]
-        await pool.execute(
-            "UPDATE registers SET center_id = $2 WHERE register_id = $1",
-            register_id,
-            enrollment.center_id,
-        )
+        await _move_back(pool, register_id, enrollment.center_id)
         # The kept bytes are the document's own, under the batch's routing key.
         path = f"/api/dead-letters/{letters[2]['id']}/replay"
         done = await clients.supervisor.post(path, json={"note": "center fixed"})
