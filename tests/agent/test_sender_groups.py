@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from tillsync_agent.outbox import OutboxRow
-from tillsync_agent.sender import _groups
+from tillsync_agent.sender import ALONE_AFTER_ATTEMPTS, _groups
 from tillsync_protocol import MAX_BATCH_SIZE, encode_batch, split_batch
 
 
-def _rows(*sizes: int) -> list[OutboxRow]:
+def _rows(*sizes: int, attempts: dict[int, int] | None = None) -> list[OutboxRow]:
+    tried = attempts or {}
     return [
-        OutboxRow(seq, f"doc-{seq}", "receipt", bytes([seq % 256]) * size, 0)
+        OutboxRow(seq, f"doc-{seq}", "receipt", bytes([seq % 256]) * size, tried.get(seq, 0))
         for seq, size in enumerate(sizes, start=1)
     ]
 
@@ -36,3 +37,11 @@ def test_a_batch_is_cut_before_it_would_pass_the_size_limit() -> None:
 def test_a_document_too_large_to_share_goes_alone() -> None:
     rows = _rows(10, MAX_BATCH_SIZE - 20, 10)
     assert [[r.seq for r in g] for g in _groups(rows, 50)] == [[1], [2], [3]]
+
+
+def test_rows_tried_often_without_an_ack_go_alone_and_the_rest_still_in_batches() -> None:
+    # 3 and 6 from a batch central could not take; 7 not tried as often yet.
+    tried = {3: ALONE_AFTER_ATTEMPTS, 6: ALONE_AFTER_ATTEMPTS + 4, 7: ALONE_AFTER_ATTEMPTS - 1}
+    rows = _rows(*[100] * 8, attempts=tried)
+    groups = _groups(rows, 50)
+    assert [[r.seq for r in g] for g in groups] == [[1, 2], [3], [4, 5], [6], [7, 8]]

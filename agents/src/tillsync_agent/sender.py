@@ -155,15 +155,25 @@ class Sender:
         )
 
 
+ALONE_AFTER_ATTEMPTS = 3
+"""A row published this many times without an ack goes in a message of its own: a document
+that central cannot take (one that kills its worker, until the broker's delivery limit)
+must not keep its batch-mates from being stored."""
+
+
 def _groups(rows: list[OutboxRow], most: int) -> list[list[OutboxRow]]:
-    """``rows`` cut, in order, into runs of at most ``most`` that fit one batch message."""
+    """``rows`` cut, in order, into runs of at most ``most`` that fit one batch message;
+    rows tried :data:`ALONE_AFTER_ATTEMPTS` times each alone."""
     groups: list[list[OutboxRow]] = []
     group: list[OutboxRow] = []
     size = 0
     for row in rows:
         grown = size + len(row.payload)
+        alone = row.attempts >= ALONE_AFTER_ATTEMPTS or (
+            bool(group) and group[-1].attempts >= ALONE_AFTER_ATTEMPTS
+        )
         if group and (
-            len(group) >= most or grown + batch_overhead(len(group) + 1) > MAX_BATCH_SIZE
+            alone or len(group) >= most or grown + batch_overhead(len(group) + 1) > MAX_BATCH_SIZE
         ):
             groups.append(group)
             group, grown = [], len(row.payload)
