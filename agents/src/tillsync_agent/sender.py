@@ -123,33 +123,27 @@ class Sender:
             raise connection_lost
 
     async def _publish_group(self, exchange: AbstractExchange, rows: list[OutboxRow]) -> object:
+        """One row as the document it is; several as one ``document_batch``."""
         if len(rows) == 1:
-            return await self._publish_one(exchange, rows[0])
-        message = aio_pika.Message(
-            encode_batch([row.payload for row in rows]),
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=str(uuid.uuid4()),
-            user_id=self._user_id,
-            type=BATCH_TYPE,
-            app_id="tillsync-agent",
-        )
-        key = topology.document_key(self._outbox.center_id, self._outbox.register_id, BATCH_TYPE)
-        return await exchange.publish(
-            message, key, mandatory=True, timeout=self._settings.publish_timeout_s
-        )
+            row = rows[0]
+            return await self._publish_message(exchange, row.payload, row.doc_id, row.doc_type)
+        body = encode_batch([row.payload for row in rows])
+        return await self._publish_message(exchange, body, str(uuid.uuid4()), BATCH_TYPE)
 
-    async def _publish_one(self, exchange: AbstractExchange, row: OutboxRow) -> object:
+    async def _publish_message(
+        self, exchange: AbstractExchange, body: bytes, message_id: str, kind: str
+    ) -> object:
+        """``kind`` is the AMQP ``type`` and the routing key's last part."""
         message = aio_pika.Message(
-            row.payload,
+            body,
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=row.doc_id,
+            message_id=message_id,
             user_id=self._user_id,
-            type=row.doc_type,
+            type=kind,
             app_id="tillsync-agent",
         )
-        key = topology.document_key(self._outbox.center_id, self._outbox.register_id, row.doc_type)
+        key = topology.document_key(self._outbox.center_id, self._outbox.register_id, kind)
         return await exchange.publish(
             message, key, mandatory=True, timeout=self._settings.publish_timeout_s
         )
