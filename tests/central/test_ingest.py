@@ -15,7 +15,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
-from tills import Till, canonical, pack, raw_document, receipt_body, until
+from tills import Till, canonical, count, pack, raw_document, receipt_body, until
 
 from conftest import Enroll, new_id
 from tillsync_central.ingest import StateAdvancer
@@ -23,11 +23,6 @@ from tillsync_central.management import Management
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
 from tillsync_protocol import topology
-
-
-async def _count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
-    async with pool.acquire() as conn:
-        return int(await conn.fetchval(sql, *args))
 
 
 async def _admin_publish(
@@ -139,8 +134,8 @@ async def test_documents_of_two_registers_are_stored_once_and_acked_to_each(
                     ) == (last, last)
 
                 await until(state_caught_up, timeout=10)
-    assert await _count(pool, "SELECT count(*) FROM documents") == 2 * (receipts + 2)
-    assert await _count(pool, "SELECT count(*) FROM dead_letters") == 0
+    assert await count(pool, "SELECT count(*) FROM documents") == 2 * (receipts + 2)
+    assert await count(pool, "SELECT count(*) FROM dead_letters") == 0
     assert ingest.stats.stored == 2 * (receipts + 2)
 
 
@@ -163,8 +158,8 @@ async def test_the_same_bytes_twice_are_stored_once_and_acked_twice(
 
         await until(acked_again)
         assert till.acks.rejected == {}
-    assert await _count(pool, "SELECT count(*) FROM documents") == 3
-    assert await _count(pool, "SELECT count(*) FROM conflicts") == 0
+    assert await count(pool, "SELECT count(*) FROM documents") == 3
+    assert await count(pool, "SELECT count(*) FROM conflicts") == 0
     assert ingest.stats.duplicates >= 4
 
 
@@ -210,8 +205,8 @@ async def test_a_reused_doc_id_under_another_seq_is_a_conflict(
         assert till.acks.rejected[2].code == "conflict"
         assert till.acks.rejected[2].field == "doc_id"
         assert 3 in till.acks.accepted
-    assert await _count(pool, "SELECT count(*) FROM conflicts WHERE kind = 'doc_id'") == 1
-    assert await _count(pool, "SELECT count(*) FROM documents") == 2
+    assert await count(pool, "SELECT count(*) FROM conflicts WHERE kind = 'doc_id'") == 1
+    assert await count(pool, "SELECT count(*) FROM documents") == 2
 
 
 async def _has_rejection(till: Till, seq: int) -> bool:
@@ -282,7 +277,7 @@ async def test_invalid_documents_are_dead_lettered_and_rejected_while_valid_ones
             assert (till.acks.rejected[s].code, till.acks.rejected[s].field) == expected[s][1:]
 
         async def all_dead_lettered() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == len(expected)
+            return await count(pool, "SELECT count(*) FROM dead_letters") == len(expected)
 
         await until(all_dead_lettered)
         async with pool.acquire() as conn:
@@ -312,7 +307,7 @@ async def test_a_document_without_user_id_is_refused_and_not_acked_to_anyone(
         await till.wait_for({2})
 
         async def dead_lettered() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == 1
+            return await count(pool, "SELECT count(*) FROM dead_letters") == 1
 
         await until(dead_lettered)
         assert 1 not in till.acks.accepted
@@ -362,7 +357,7 @@ async def test_identity_mismatches_are_refused_and_rejected_only_to_the_sender(
         }
 
         async def four_letters() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == 4
+            return await count(pool, "SELECT count(*) FROM dead_letters") == 4
 
         await until(four_letters)
         assert victim.acks.messages == 0  # never attributed by what the body claims
@@ -423,7 +418,7 @@ async def test_unknown_revoked_and_moved_registers_are_refused(
             await moved_till.wait_for({1})
 
         async def three_letters() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == 3
+            return await count(pool, "SELECT count(*) FROM dead_letters") == 3
 
         await until(three_letters)
     finally:
@@ -463,7 +458,7 @@ async def test_a_message_the_broker_gives_up_on_becomes_a_delivery_limit_dead_le
     try:
 
         async def kept() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == 1
+            return await count(pool, "SELECT count(*) FROM dead_letters") == 1
 
         await until(kept)
     finally:
@@ -552,7 +547,7 @@ async def test_register_state_writes_merge_while_one_waits(
 
         async def waiting() -> bool:
             return bool(
-                await _count(
+                await count(
                     pool,
                     "SELECT count(*) FROM pg_stat_activity"
                     " WHERE wait_event_type = 'Lock' AND datname = current_database()",

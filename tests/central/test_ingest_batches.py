@@ -4,22 +4,15 @@ counted at both ends."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import asyncpg
 import msgpack
-from tills import Till, canonical, pack, raw_document, receipt_body, until
+from tills import Till, canonical, count, pack, raw_document, receipt_body, until
 
 from conftest import Enroll, new_id
 from tillsync_central.intake import Delivery, inspect_kept
 from tillsync_central.runner import IngestService
 from tillsync_protocol import BATCH_TYPE, encode_batch
 from tillsync_protocol.topology import document_key
-
-
-async def _count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
-    async with pool.acquire() as conn:
-        return int(await conn.fetchval(sql, *args))
 
 
 async def test_a_batch_is_stored_and_acked_document_by_document(
@@ -96,7 +89,7 @@ async def test_bad_documents_of_a_batch_are_dead_lettered_alone_while_the_rest_i
         assert got == {2: ("wrong_type", "body.total"), 4: ("identity_mismatch", "center_id")}
 
         async def three_letters() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == 3
+            return await count(pool, "SELECT count(*) FROM dead_letters") == 3
 
         await until(three_letters)
     async with pool.acquire() as conn:
@@ -130,7 +123,7 @@ async def test_a_batch_that_does_not_split_is_one_dead_letter_and_traffic_flows_
         await till.wait_for({2, 3})
 
         async def all_letters() -> bool:
-            return await _count(pool, "SELECT count(*) FROM dead_letters") == len(broken)
+            return await count(pool, "SELECT count(*) FROM dead_letters") == len(broken)
 
         await until(all_letters)
         assert till.acks.accepted == {2, 3}

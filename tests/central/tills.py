@@ -189,6 +189,12 @@ class Till:
         return self.acks
 
 
+async def count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
+    """The integer a ``SELECT count(*) …`` gives."""
+    async with pool.acquire() as conn:
+        return int(await conn.fetchval(sql, *args))
+
+
 async def until(
     check: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.1
 ) -> None:
