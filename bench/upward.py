@@ -57,7 +57,7 @@ from _setup import (
     submit_all,
 )
 from _setup import _proc_cpu_s as process_cpu_s
-from tillsync_agent import Agent, AgentSettings, load_settings
+from tillsync_agent import Agent, load_settings
 from tillsync_agent.logs import configure_logging
 from tillsync_agent.process import shorten_switch_interval, tune_gc
 from tillsync_agent.simulator import Till
@@ -940,13 +940,11 @@ def report(
             "baseline_batch": 500,
             "ingest_batch_max_wait_ms": options.batch_max_wait_ms or "central default (2)",
             "agent_settings": "defaults (max_in_flight 1000, ack_timeout_s 30, synchronous=FULL)",
-            # TILLSYNC_PUBLISH_BATCH_MAX=1 in the environment: every document a message.
-            "publish_batch_max": int(
-                os.environ.get(
-                    "TILLSYNC_PUBLISH_BATCH_MAX",
-                    AgentSettings.model_fields["publish_batch_max"].default,
-                )
-            ),
+            # What the agents' settings resolve to (TILLSYNC_PUBLISH_BATCH_MAX=1 in the
+            # environment: every document a message of its own).
+            "publish_batch_max": load_settings(
+                None, register_id="bench", center_id="bench"
+            ).publish_batch_max,
         },
         "machine": info,
     }
