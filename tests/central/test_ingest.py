@@ -8,6 +8,7 @@ import contextlib
 import copy
 import hashlib
 import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,6 +23,7 @@ from tillsync_central.ingest import StateAdvancer
 from tillsync_central.management import Management
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
+from tillsync_central.store import ADVANCE_STATE
 from tillsync_protocol import topology
 
 
@@ -621,3 +623,75 @@ async def test_register_state_writer_gives_up_a_blocked_write_on_stop(
         "tillsync-central register_state",
     )
     assert sessions == 0
+
+
+async def _store_seqs(pool: asyncpg.Pool, register_id: str, center_id: str, seqs: range) -> None:
+    """Documents rows for ``seqs`` as SQL writes them: the statement under test reads only
+    their keys."""
+    await pool.execute(
+        "INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at,"
+        " payload, payload_json, content_hash)"
+        " SELECT $1, s, gen_random_uuid(), $2, 'receipt', now(), '\\x00', '{}',"
+        " sha256(int8send(s)) FROM unnest($3::bigint[]) AS s",
+        register_id,
+        center_id,
+        list(seqs),
+    )
+
+
+async def _advance_counting_reads(
+    pool: asyncpg.Pool, register_id: str, last_seq: int
+) -> tuple[int, int, int]:
+    """Run ADVANCE_STATE for one register under EXPLAIN ANALYZE: the documents rows its
+    plan read, then the row's ``contiguous_seq`` and ``last_seq``."""
+    async with pool.acquire() as conn:
+        plan = await conn.fetchval(
+            f"EXPLAIN (ANALYZE, FORMAT JSON) {ADVANCE_STATE}", [register_id], [last_seq]
+        )
+        if isinstance(plan, str):  # the pool decodes json columns; a bare connection not
+            plan = json.loads(plan)
+        state = await conn.fetchrow(
+            "SELECT contiguous_seq, last_seq FROM register_state WHERE register_id = $1",
+            register_id,
+        )
+
+    def reads(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "documents":
+            own = node["Actual Rows"] * node["Actual Loops"]
+        return own + sum(reads(child) for child in node.get("Plans", []))
+
+    return reads(plan[0]["Plan"]), state["contiguous_seq"], state["last_seq"]
+
+
+async def test_register_state_reads_the_new_run_not_the_registers_history(
+    pool: asyncpg.Pool, enroll: Enroll
+) -> None:
+    """Moving ``contiguous_seq`` on reads the seqs stored since the last write, however
+    many documents the register has: the statement runs after every batch."""
+    enrollment = await enroll()
+    register_id, center_id = enrollment.register_id, enrollment.center_id
+    await _store_seqs(pool, register_id, center_id, range(1, 3001))
+    # Statistics, as autovacuum keeps them: a table the planner believes empty is scanned.
+    await pool.execute("ANALYZE documents")
+    _, contiguous, last = await _advance_counting_reads(pool, register_id, 3000)
+    assert (contiguous, last) == (3000, 3000)
+
+    # Ten more, a hole at 3011, nine after it: contiguous stops before the hole.
+    await _store_seqs(pool, register_id, center_id, range(3001, 3011))
+    await _store_seqs(pool, register_id, center_id, range(3012, 3021))
+    read, contiguous, last = await _advance_counting_reads(pool, register_id, 3020)
+    assert (contiguous, last) == (3010, 3020)
+    assert read <= 2 * 11  # the run's ten and the missing 3011, once per use of the run
+
+    # Behind the hole, nothing more is read, whatever comes after it.
+    await _store_seqs(pool, register_id, center_id, range(3021, 3031))
+    read, contiguous, last = await _advance_counting_reads(pool, register_id, 3030)
+    assert (contiguous, last) == (3010, 3030)
+    assert read == 0
+
+    # The hole filled: the run goes on through everything stored after it.
+    await _store_seqs(pool, register_id, center_id, range(3011, 3012))
+    read, contiguous, last = await _advance_counting_reads(pool, register_id, 3011)
+    assert (contiguous, last) == (3030, 3030)
+    assert read <= 2 * 21

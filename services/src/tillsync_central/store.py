@@ -120,14 +120,18 @@ ON CONFLICT (register_id, seq, incoming_hash) DO NOTHING
 # (if seq contiguous_seq + 1 is stored at all); last_seq is at least that far. One
 # statement, so one round trip; two workers moving one register concurrently may leave
 # contiguous_seq short, and the register's next batch (or the reconciler) moves it on.
+# The run is walked one primary-key probe per seq, so a write reads what was stored since
+# the last one, not the register's whole history: a NOT EXISTS over documents here was
+# planned as a hash anti-join of every document of the register, per write (17 ms a
+# register at 100,000 documents, growing with them; docs/performance.md).
 _RUN_END = """
-COALESCE((SELECT min(d.seq) FROM documents d
-          WHERE d.register_id = s.register_id AND d.seq > s.contiguous_seq
-            AND NOT EXISTS (SELECT 1 FROM documents n
-                            WHERE n.register_id = d.register_id AND n.seq = d.seq + 1)
-            AND EXISTS (SELECT 1 FROM documents f
-                        WHERE f.register_id = s.register_id AND f.seq = s.contiguous_seq + 1)),
-         s.contiguous_seq)
+(WITH RECURSIVE run (seq) AS (
+     SELECT s.contiguous_seq
+     UNION ALL
+     SELECT run.seq + 1 FROM run
+     WHERE EXISTS (SELECT 1 FROM documents d
+                   WHERE d.register_id = s.register_id AND d.seq = run.seq + 1))
+ SELECT max(seq) FROM run)
 """
 ADVANCE_STATE = f"""
 INSERT INTO register_state AS s (register_id, last_seq, last_received_at)
