@@ -166,3 +166,55 @@ async def test_lines_that_cancel_out_within_a_batch_write_no_stock_row(
     assert (result.stored, result.stock_lines) == (2, 3)
     assert await _stock_pending(pool) == {(center, "jam"): -2_000}
     assert await pool.fetchval("SELECT count(*) FROM stock_pending") == 1
+
+
+def _shift_close(shift_no: int, seq: int) -> dict[str, Any]:
+    """An empty shift's Z-report (its open at ``seq - 1``)."""
+    return {
+        "shift_no": shift_no,
+        "z_number": shift_no,
+        "employee_id": "emp-1",
+        "currency": "CZK",
+        "first_seq": seq - 1,
+        "last_seq": seq,
+        "receipt_count": 0,
+        "refund_count": 0,
+        "void_count": 0,
+        "gross_sales": 0,
+        "refunds_total": 0,
+        "net_total": 0,
+        "payments": [],
+        "taxes": [],
+        "cash_expected": 0,
+        "cash_counted": 0,
+    }
+
+
+async def test_two_workers_writing_the_same_shifts_crosswise_do_not_deadlock(
+    enroll: Enroll, pool: asyncpg.Pool
+) -> None:
+    """Two registers' shifts split across two concurrent batches, each the other's mirror
+    (A's open with B's close, and B's open with A's close), as two ingest workers get
+    them when consecutive messages of a register go to different workers. Without one
+    lock order for the shift rows, each batch's first statement locks a row the other's
+    second statement needs, and PostgreSQL kills one of them as a deadlock."""
+    a, b = _Register(await enroll()), _Register(await enroll())
+    shifts = 10
+    for shift_no in range(1, shifts + 1):
+        seq = 2 * shift_no
+        opens = {r: r.delivery(seq - 1, "shift_open", _open(shift_no)) for r in (a, b)}
+        closes = {r: r.delivery(seq, "shift_close", _shift_close(shift_no, seq)) for r in (a, b)}
+        results = await asyncio.gather(
+            store(pool, [inspect(opens[a]), inspect(closes[b])], advance=False),
+            store(pool, [inspect(opens[b]), inspect(closes[a])], advance=False),
+        )
+        assert [r.stored for r in results] == [2, 2]
+    rows = await pool.fetch(
+        "SELECT register_id, count(*) AS n, count(opened_seq) AS opened,"
+        " count(closed_seq) AS closed FROM shifts GROUP BY register_id"
+    )
+    assert sorted((r["n"], r["opened"], r["closed"]) for r in rows) == [(shifts,) * 3] * 2
+
+
+def _open(shift_no: int) -> dict[str, Any]:
+    return {**_shift_open(), "shift_no": shift_no}

@@ -26,6 +26,17 @@ __all__ = ["insert_shifts", "receipt_columns", "timestamp"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 _RECEIPT_WIDTH = 12
+# Every shift row a batch will write, locked first and in one order for every worker
+# (that of the lock keys themselves): opens and closes are two statements, and two
+# workers with one shift's open and another's close each, crosswise, would otherwise
+# each hold a row the other's second statement waits for (a deadlock PostgreSQL breaks
+# by failing one batch). The keys are in a namespace of their own (the first argument).
+_LOCK_SHIFTS = """
+SELECT count(pg_advisory_xact_lock(29544, k.key))
+FROM (SELECT DISTINCT hashtext(u.register_id || '/' || u.shift_no) AS key
+      FROM unnest($1::text[], $2::bigint[]) AS u(register_id, shift_no)
+      ORDER BY 1) AS k
+"""
 _OPEN_SHIFTS = """
 INSERT INTO shifts AS s (register_id, shift_no, center_id, currency, opened_seq, opened_at,
                          opening_float)
@@ -114,6 +125,9 @@ async def insert_shifts(conn: Conn, documents: Sequence[Document]) -> None:
     ``documents``."""
     opens = _first_per_shift([d for d in documents if isinstance(d, ShiftOpen)])
     closes = _first_per_shift([d for d in documents if isinstance(d, ShiftClose)])
+    keys = {(d.register_id, d.body.shift_no) for d in [*opens, *closes]}  # type: ignore[attr-defined]
+    if len(keys) > 1:  # a transaction writing one shift row cannot be in a lock cycle
+        await conn.execute(_LOCK_SHIFTS, [k[0] for k in keys], [k[1] for k in keys])
     if opens:
         open_rows = [
             (
