@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
-from tills import Till, canonical, count, pack, raw_document, receipt_body, until
+from tills import Till, canonical, count, pack, raw_document, receipt_body, store_seqs, until
 
 from conftest import Enroll, new_id
 from tillsync_central.ingest import StateAdvancer
@@ -625,20 +625,6 @@ async def test_register_state_writer_gives_up_a_blocked_write_on_stop(
     assert sessions == 0
 
 
-async def _store_seqs(pool: asyncpg.Pool, register_id: str, center_id: str, seqs: range) -> None:
-    """Documents rows for ``seqs`` as SQL writes them: the statement under test reads only
-    their keys."""
-    await pool.execute(
-        "INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at,"
-        " payload, payload_json, content_hash)"
-        " SELECT $1, s, gen_random_uuid(), $2, 'receipt', now(), '\\x00', '{}',"
-        " sha256(int8send(s)) FROM unnest($3::bigint[]) AS s",
-        register_id,
-        center_id,
-        list(seqs),
-    )
-
-
 async def _advance_counting_reads(
     pool: asyncpg.Pool, register_id: str, last_seq: int
 ) -> tuple[int, int, int]:
@@ -671,27 +657,27 @@ async def test_register_state_reads_the_new_run_not_the_registers_history(
     many documents the register has: the statement runs after every batch."""
     enrollment = await enroll()
     register_id, center_id = enrollment.register_id, enrollment.center_id
-    await _store_seqs(pool, register_id, center_id, range(1, 3001))
+    await store_seqs(pool, register_id, center_id, range(1, 3001))
     # Statistics, as autovacuum keeps them: a table the planner believes empty is scanned.
     await pool.execute("ANALYZE documents")
     _, contiguous, last = await _advance_counting_reads(pool, register_id, 3000)
     assert (contiguous, last) == (3000, 3000)
 
     # Ten more, a hole at 3011, nine after it: contiguous stops before the hole.
-    await _store_seqs(pool, register_id, center_id, range(3001, 3011))
-    await _store_seqs(pool, register_id, center_id, range(3012, 3021))
+    await store_seqs(pool, register_id, center_id, range(3001, 3011))
+    await store_seqs(pool, register_id, center_id, range(3012, 3021))
     read, contiguous, last = await _advance_counting_reads(pool, register_id, 3020)
     assert (contiguous, last) == (3010, 3020)
     assert read <= 2 * 11  # the run's ten and the missing 3011, once per use of the run
 
     # Behind the hole, nothing more is read, whatever comes after it.
-    await _store_seqs(pool, register_id, center_id, range(3021, 3031))
+    await store_seqs(pool, register_id, center_id, range(3021, 3031))
     read, contiguous, last = await _advance_counting_reads(pool, register_id, 3030)
     assert (contiguous, last) == (3010, 3030)
     assert read == 0
 
     # The hole filled: the run goes on through everything stored after it.
-    await _store_seqs(pool, register_id, center_id, range(3011, 3012))
+    await store_seqs(pool, register_id, center_id, range(3011, 3012))
     read, contiguous, last = await _advance_counting_reads(pool, register_id, 3011)
     assert (contiguous, last) == (3030, 3030)
     assert read <= 2 * 21

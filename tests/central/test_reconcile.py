@@ -13,7 +13,7 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from central.conftest import Enroll, new_id
-from central.tills import Till, state_settled
+from central.tills import Till, state_settled, store_seqs
 from tillsync_central.reconcile import Difference, reconcile_pass
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
@@ -171,6 +171,34 @@ async def test_holes_are_asked_for_after_the_grace_with_backoff_and_closed_when_
         )
         == 10
     )
+
+
+async def test_a_pass_moves_last_seq_with_contiguous_seq_when_the_state_lags(
+    enroll: Enroll, pool: asyncpg.Pool
+) -> None:
+    """``register_state`` is written after the acks and may lag the documents; a hole the
+    pass finds past the row's ``last_seq`` moves both, and the pass commits (it failed on
+    the table's check ``last_seq >= contiguous_seq`` and kept failing while ingest ran)."""
+    enrollment = await enroll()
+    register_id = enrollment.register_id
+    await store_seqs(pool, register_id, enrollment.center_id, range(1, 9))
+    await store_seqs(pool, register_id, enrollment.center_id, range(10, 13))
+    # As the state writer left it, behind the documents (it writes after the acks).
+    await pool.execute(
+        "UPDATE register_state SET contiguous_seq = 1, last_seq = 4 WHERE register_id = $1",
+        register_id,
+    )
+    async with pool.acquire() as conn:
+        result = await reconcile_pass(conn, None, hole_grace_s=60, request_cap_s=3600)
+    assert result.locked
+    state = await pool.fetchrow(
+        "SELECT contiguous_seq, last_seq FROM register_state WHERE register_id = $1", register_id
+    )
+    assert (state["contiguous_seq"], state["last_seq"]) == (8, 8)
+    holes = await pool.fetch(
+        "SELECT from_seq, to_seq FROM seq_holes WHERE register_id = $1", register_id
+    )
+    assert [tuple(h) for h in holes] == [(9, 9)]
 
 
 async def test_a_hole_filled_from_its_start_leaves_a_new_hole_for_the_rest(

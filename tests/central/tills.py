@@ -195,6 +195,20 @@ async def count(pool: asyncpg.Pool, sql: str, *args: Any) -> int:
         return int(await conn.fetchval(sql, *args))
 
 
+async def store_seqs(pool: asyncpg.Pool, register_id: str, center_id: str, seqs: range) -> None:
+    """``documents`` rows for ``seqs``, written straight by SQL (no payload worth reading):
+    for tests of what reads only the keys, such as ``register_state`` and holes."""
+    await pool.execute(
+        "INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at,"
+        " payload, payload_json, content_hash)"
+        " SELECT $1, s, gen_random_uuid(), $2, 'receipt', now(), '\\x00', '{}',"
+        " sha256(int8send(s)) FROM unnest($3::bigint[]) AS s",
+        register_id,
+        center_id,
+        list(seqs),
+    )
+
+
 async def until(
     check: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.1
 ) -> None:

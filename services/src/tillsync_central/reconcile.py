@@ -81,8 +81,11 @@ ORDER BY from_seq
 LIMIT $3
 """
 
+# The seq $2 is stored; last_seq may not have reached it yet (ingest's state writer
+# comes after the acks), and the table checks last_seq >= contiguous_seq.
 _ADVANCE = """
-UPDATE register_state SET contiguous_seq = greatest(contiguous_seq, $2)
+UPDATE register_state
+SET contiguous_seq = greatest(contiguous_seq, $2), last_seq = greatest(last_seq, $2)
 WHERE register_id = $1
 """
 
