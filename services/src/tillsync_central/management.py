@@ -7,6 +7,8 @@ timeout; an unexpected answer raises :class:`ManagementError` with the HTTP stat
 
 from __future__ import annotations
 
+import functools
+import ssl
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote, unquote, urlsplit
@@ -20,6 +22,15 @@ from .settings import CentralSettings, redact_url
 __all__ = ["Management", "ManagementError", "vhost_of"]
 
 DEFAULT_TIMEOUT_S = 10.0
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The one TLS context of every client of the process. httpx makes one per client,
+    even for an ``http://`` URL, and that reads the whole CA bundle: 16 ms of CPU on the
+    event loop here, which the admin app's queue sampler paid every 5 s, stalling the
+    ingest workers beside it (docs/performance.md)."""
+    return httpx.create_ssl_context()
 
 
 class ManagementError(TillsyncError):
@@ -50,7 +61,9 @@ class Management:
         auth = (unquote(parts.username or ""), unquote(parts.password or ""))
         self.vhost = vhost
         self._redacted = redact_url(api_url)
-        self._client = httpx.AsyncClient(base_url=base, auth=auth, timeout=timeout)
+        self._client = httpx.AsyncClient(
+            base_url=base, auth=auth, timeout=timeout, verify=_tls_context()
+        )
 
     @classmethod
     def from_settings(cls, settings: CentralSettings) -> Management:
