@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tillsync_agent.outbox import Outbox, now_ms
+from tillsync_agent.outbox import Counts, Outbox, now_ms
 from tillsync_agent.store import Store, StoreLockedError
 from tillsync_protocol import (
     AckBody,
@@ -199,6 +199,58 @@ async def test_acks_that_arrive_together_are_applied_together_and_each_counted(
         assert sorted(results) == [(0, 0), (10, 0), (10, 0), (10, 0)]
         assert (outbox.counts.pending, outbox.counts.acknowledged) == (0, 30)
     assert table_counts(tmp_path / "a.db") == {"acknowledged": 30}
+
+
+async def test_acks_and_submits_that_meet_share_one_transaction(tmp_path: Path) -> None:
+    """Under load a register writes one transaction per trip to its SQLite thread, the
+    submits and central's acks waiting together in it, each caller with its own result."""
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        for _ in range(4):
+            await outbox.submit("receipt", receipt())
+        statements: list[str] = []
+        await store.in_thread(lambda conn: conn.set_trace_callback(statements.append))
+        ack = AckBody(
+            register_id="r-1",
+            accepted=[SeqRange(first=1, last=3)],
+            rejected=[Rejection(seq=4, code="refused", field="body", reason="no")],
+        )
+        submitted, counted = await asyncio.gather(
+            outbox.submit("receipt", receipt()), outbox.apply_ack(ack)
+        )
+        await store.in_thread(lambda conn: conn.set_trace_callback(None))
+        assert (submitted.seq, counted) == (5, (3, 1))
+        assert [s.split()[0] for s in statements].count("BEGIN") == 1
+        assert any("INSERT INTO outbox" in s for s in statements)
+        assert any("state = 'acknowledged'" in s for s in statements)
+        assert outbox.counts == Counts(last_seq=5, pending=1, acknowledged=3, rejected=1)
+    assert table_counts(tmp_path / "a.db") == {"pending": 1, "acknowledged": 3, "rejected": 1}
+
+
+async def test_a_failed_transaction_fails_its_submits_and_acks_alike(tmp_path: Path) -> None:
+    """Nothing of it is applied, every caller hears, counts stay true, and the next
+    transaction works."""
+    async with Store(tmp_path / "a.db") as store:
+        outbox = await open_outbox(store)
+        await outbox.submit("receipt", receipt())
+        # A real failure inside the transaction: SQLite aborts the ack's UPDATE.
+        await store.in_thread(
+            lambda conn: conn.execute(
+                "CREATE TEMP TRIGGER no_acks BEFORE UPDATE OF state ON outbox "
+                "WHEN NEW.state = 'acknowledged' BEGIN SELECT RAISE(ABORT, 'disk says no'); END"
+            )
+        )
+        ack = AckBody(register_id="r-1", accepted=[SeqRange(first=1, last=1)])
+        results = await asyncio.gather(
+            outbox.submit("receipt", receipt()), outbox.apply_ack(ack), return_exceptions=True
+        )
+        assert [type(r) for r in results] == [sqlite3.IntegrityError] * 2
+        assert outbox.counts == Counts(last_seq=1, pending=1, acknowledged=0, rejected=0)
+        await store.in_thread(lambda conn: conn.execute("DROP TRIGGER no_acks"))
+        assert (await outbox.submit("receipt", receipt())).seq == 2
+        assert await outbox.apply_ack(ack) == (1, 0)
+        assert outbox.counts == Counts(last_seq=2, pending=1, acknowledged=1, rejected=0)
+    assert table_counts(tmp_path / "a.db") == {"pending": 1, "acknowledged": 1}
 
 
 async def test_the_sender_never_reads_a_row_that_a_rollback_takes_back(tmp_path: Path) -> None:

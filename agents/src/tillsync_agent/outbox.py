@@ -4,9 +4,12 @@ pending → published → acknowledged, or rejected (with central's code and rea
 counts (``pending`` = not yet acknowledged nor rejected) live in a ``counters`` row that
 the same transaction updates, so they are exact at every moment and O(1) to read.
 
-Submits that arrive together are committed together ("group commit"): the caller that
-gets the write lock writes every queued submit in one transaction, and each caller gets
-its own result or its own error.
+Submits that arrive together are committed together ("group commit"): one drainer task
+writes every queued submit in one transaction, and each caller gets its own result or its
+own error. Central's acks queue for the same drainer and ride in the same transaction as
+the submits they meet: under load, a register writes one transaction per round trip to
+its SQLite thread instead of one per submit batch plus one per ack (each transaction
+queues behind the one before it on the one writer connection; docs/performance.md).
 
 The sender's round costs as few trips to the SQLite thread as it can (each costs a thread
 and an event-loop wake-up; docs/performance.md, "Fourth session"):
@@ -204,32 +207,37 @@ class Outbox:
         Raises a ``ProtocolError`` (code, field, reason) if the document is not valid.
         Never touches the network.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Submitted] = loop.create_future()
+        future: asyncio.Future[Submitted] = asyncio.get_running_loop().create_future()
         self._queue.append(_Request(doc_type, body, future))
+        self._start_drainer()
+        return await asyncio.shield(future)
+
+    def _start_drainer(self) -> None:
         if self._drainer is None or self._drainer.done():
             # One drainer writes whatever is queued, batch after batch, under the write lock.
             # It is not the caller's task: a caller cancelled while waiting (a POS request
             # timing out) cannot interrupt a commit and leave the counters behind.
-            self._drainer = loop.create_task(self._drain_all())
-        return await asyncio.shield(future)
+            self._drainer = asyncio.get_running_loop().create_task(self._drain_all())
 
     async def _drain_all(self) -> None:
         try:
-            while self._queue:
-                # The lock is taken per batch, not for the whole run: the sender's records
-                # and central's acks, waiting in the lock's FIFO, get their turn between
-                # two batches instead of starving while submits keep coming.
+            while self._queue or self._acks:
+                # The lock is taken per batch, not for the whole run: the sender's table
+                # reads and the catalog replica's writes, waiting in the lock's FIFO, get
+                # their turn between two batches instead of starving while submits keep
+                # coming.
                 async with self._lock:
                     batch, self._queue = self._queue, []
-                    await self._write(batch)
+                    acks, self._acks = self._acks, []
+                    await self._write(batch, acks)
         except BaseException as exc:
             # A failed transaction fails its own batch (in _write); what queued meanwhile
             # fails too rather than waiting for a drainer that is gone.
             batch, self._queue = self._queue, []
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            acks, self._acks = self._acks, []
+            for future in [request.future for request in batch] + [f for _, f in acks]:
+                if not future.done():
+                    future.set_exception(exc)
             if not isinstance(exc, Exception):
                 raise  # cancellation and the like end the drainer; errors reached the callers
 
@@ -312,7 +320,14 @@ class Outbox:
         )
         return submitted
 
-    async def _write(self, batch: Sequence[_Request]) -> None:
+    async def _write(
+        self,
+        batch: Sequence[_Request],
+        acks: Sequence[tuple[AckBody, asyncio.Future[tuple[int, int]]]] = (),
+    ) -> None:
+        """One transaction: the publish records, the valid documents of ``batch`` and the
+        ``acks`` (after the records: an ack usually follows its confirm within
+        milliseconds, and must find the row published)."""
         counts = self._counts
         seq = counts.last_seq
         rows: list[tuple[Any, ...]] = []
@@ -338,38 +353,50 @@ class Outbox:
                 shifts_closed.append(shift_no)
             rows.append((seq, document.doc_id, document.type, now, shift_no, payload, now))
             accepted.append((request, Submitted(seq, document.doc_id, document.type)))
-        if not rows:
+        if not rows and not acks:
             return
         last_seq = seq
         marks = self._take_marks()
+        ack_bodies = [ack for ack, _ in acks]
 
-        def work(db: sqlite3.Connection) -> None:
+        def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
             if marks is not None:
                 marks(db)
-            db.executemany(_INSERT, rows)
-            # A shift close triggers a check of the whole shift: resend what is still open.
-            for shift_no in shifts_closed:
-                db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
-            db.execute(_SET_COUNTER, (last_seq, "last_seq"))
-            db.execute(_ADD_COUNTER, (len(rows), "pending"))
+            if rows:
+                db.executemany(_INSERT, rows)
+                # A shift close triggers a check of the whole shift: resend what is open.
+                for shift_no in shifts_closed:
+                    db.execute(_SHIFT_DUE, (now, shift_no, now - self._resend_after_ms))
+                db.execute(_SET_COUNTER, (last_seq, "last_seq"))
+                db.execute(_ADD_COUNTER, (len(rows), "pending"))
+            return _apply_acks(db, ack_bodies, now)
 
         try:
             # One hop to the SQLite thread for the whole transaction (see Store.in_thread).
-            await self._store.in_thread(lambda db: transaction(db, work))
+            results = await self._store.in_thread(lambda db: transaction(db, work))
         except BaseException as exc:
-            for request, _ in accepted:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            for future in [request.future for request, _ in accepted] + [f for _, f in acks]:
+                if not future.done():
+                    future.set_exception(exc)
             raise
+        acked = sum(a for a, _ in results)
+        rejected = sum(r for _, r in results)
         self._counts = Counts(
-            last_seq, counts.pending + len(rows), counts.acknowledged, counts.rejected
+            last_seq,
+            counts.pending + len(rows) - acked - rejected,
+            counts.acknowledged + acked,
+            counts.rejected + rejected,
         )
-        self._add_fresh(
-            [OutboxRow(r[0], r[1], r[2], r[5], 0) for r in rows], shift_closed=bool(shifts_closed)
-        )
-        for request, submitted in accepted:
-            request.future.set_result(submitted)
-        self.changed.set()
+        for (_, future), result in zip(acks, results, strict=True):
+            future.set_result(result)
+        if rows:
+            self._add_fresh(
+                [OutboxRow(r[0], r[1], r[2], r[5], 0) for r in rows],
+                shift_closed=bool(shifts_closed),
+            )
+            for request, submitted in accepted:
+                request.future.set_result(submitted)
+            self.changed.set()
 
     def _add_fresh(self, rows: list[OutboxRow], *, shift_closed: bool) -> None:
         """Rows just committed (under the write lock): the sender's view gains them, or is
@@ -554,67 +581,14 @@ class Outbox:
         """Mark acknowledged and rejected rows; returns how many changed state (a repeated
         ack changes nothing).
 
-        Acks that arrive together are applied in one transaction (central acks every small
-        batch; one fsync per ack would cost the till more than the documents themselves).
+        Acks queue for the submits' drainer: those that arrive together, and the submits
+        they meet, are applied in one transaction (central acks every small batch; one
+        fsync and one thread hop per ack would cost the till more than the documents).
         """
         future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._acks.append((ack, future))
-        await self._exclusive(self._drain_acks)
-        return future.result()
-
-    async def _drain_acks(self) -> None:
-        if not self._acks:
-            return
-        batch, self._acks = self._acks, []
-        try:
-            results = await self._apply_acks([ack for ack, _ in batch])
-        except BaseException as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            raise
-        for (_, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
-
-    async def _apply_acks(self, acks: Sequence[AckBody]) -> list[tuple[int, int]]:
-        now = now_ms()
-        # The publish records first: an ack usually follows its confirm within milliseconds.
-        marks = self._take_marks()
-
-        def work(db: sqlite3.Connection) -> list[tuple[int, int]]:
-            if marks is not None:
-                marks(db)
-            results: list[tuple[int, int]] = []
-            for ack in acks:
-                acked_one = rejected_one = 0
-                for seq_range in ack.accepted:
-                    cursor = db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last))
-                    acked_one += cursor.rowcount
-                for rejection in ack.rejected:
-                    cursor = db.execute(
-                        _REJECT,
-                        (now, rejection.code, rejection.field, rejection.reason, rejection.seq),
-                    )
-                    rejected_one += cursor.rowcount
-                results.append((acked_one, rejected_one))
-            acked = sum(a for a, _ in results)
-            rejected = sum(r for _, r in results)
-            db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
-            db.execute(_ADD_COUNTER, (acked, "acknowledged"))
-            db.execute(_ADD_COUNTER, (rejected, "rejected"))
-            return results
-
-        results = await self._store.in_thread(lambda db: transaction(db, work))
-        acked = sum(a for a, _ in results)
-        rejected = sum(r for _, r in results)
-        c = self._counts
-        self._counts = Counts(
-            c.last_seq,
-            c.pending - acked - rejected,
-            c.acknowledged + acked,
-            c.rejected + rejected,
-        )
-        return results
+        self._start_drainer()
+        return await asyncio.shield(future)
 
     async def rejected_documents(self, limit: int = 100) -> list[dict[str, Any]]:
         sql = """SELECT seq, doc_id, doc_type, reject_code, reject_field, reject_reason
@@ -662,3 +636,26 @@ class Outbox:
                 db.executemany(sql, params)
 
         await self._store.in_thread(lambda db: transaction(db, work))
+
+
+def _apply_acks(db: sqlite3.Connection, acks: Sequence[AckBody], now: int) -> list[tuple[int, int]]:
+    """On the SQLite thread, in the caller's transaction: each ack's rows marked, and the
+    counters moved; returns ``(acknowledged, rejected)`` rows changed, per ack."""
+    results: list[tuple[int, int]] = []
+    for ack in acks:
+        acked_one = rejected_one = 0
+        for seq_range in ack.accepted:
+            acked_one += db.execute(_ACK_RANGE, (now, seq_range.first, seq_range.last)).rowcount
+        for rejection in ack.rejected:
+            cursor = db.execute(
+                _REJECT, (now, rejection.code, rejection.field, rejection.reason, rejection.seq)
+            )
+            rejected_one += cursor.rowcount
+        results.append((acked_one, rejected_one))
+    if results:
+        acked = sum(a for a, _ in results)
+        rejected = sum(r for _, r in results)
+        db.execute(_ADD_COUNTER, (-(acked + rejected), "pending"))
+        db.execute(_ADD_COUNTER, (acked, "acknowledged"))
+        db.execute(_ADD_COUNTER, (rejected, "rejected"))
+    return results
