@@ -2,7 +2,8 @@
 
 The loop every central queue worker shares: connect (with a timeout), open a consuming
 channel (prefetch) and a publishing channel (publisher confirms), collect deliveries into
-batches (up to ``batch_size``, waiting at most ``max_wait`` after the first), hand each
+batches (up to ``batch_size``; an idle worker waits at most ``max_wait`` after the first
+delivery for more, a busy one takes what is waiting), hand each
 batch to :meth:`BatchConsumer.handle`, and ``basic.ack`` the batch only when it returns
 True. Anything else leaves the batch unacknowledged: when the channel or the process
 dies, the broker delivers it again, and the handlers are idempotent.
@@ -171,8 +172,13 @@ class BatchConsumer(ABC):
     async def _collect(
         self, inbox: asyncio.Queue[AbstractIncomingMessage], session: Session
     ) -> list[AbstractIncomingMessage]:
+        """The next batch. The wait of up to ``max_wait`` for more is for an idle worker
+        that just got a first delivery: deliveries that arrived while the previous batch
+        was handled have waited a batch's time already, so they go at once, with
+        whatever else is there (docs/performance.md, tenth session)."""
         loop = asyncio.get_running_loop()
         batch: list[AbstractIncomingMessage] = []
+        idle = inbox.empty()
         while not batch:
             if session.stopping.is_set() or session.closed.is_set():
                 return batch
@@ -180,7 +186,7 @@ class BatchConsumer(ABC):
                 batch.append(await asyncio.wait_for(inbox.get(), timeout=0.25))
             except TimeoutError:
                 continue
-        deadline = loop.time() + self._max_wait
+        deadline = loop.time() + (self._max_wait if idle else 0.0)
         while len(batch) < self._batch_size:
             if not inbox.empty():
                 batch.append(inbox.get_nowait())

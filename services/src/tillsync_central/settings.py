@@ -117,8 +117,9 @@ class CentralSettings(BaseSettings):
     """Seconds a starting process waits for another one's migrations to finish."""
 
     ingest_batch_size: int = Field(default=500, ge=1, le=100_000)
-    # What has arrived is taken at once; a batch waits at most this long for more. Under
-    # load batches fill while the previous one commits, so a long wait only adds latency.
+    # What has arrived is taken at once; an idle worker's batch waits at most this long
+    # for more, a busy worker's none. Under load batches fill while the previous one
+    # commits, so a long wait only adds latency.
     ingest_batch_max_wait_ms: int = Field(default=2, ge=0, le=60_000)
     ingest_prefetch: int = Field(default=2000, ge=1, le=65_535)
 
