@@ -136,9 +136,9 @@ async def test_a_batch_of_sales_only_is_one_statement_without_begin_or_commit(
         sent.clear()
         result = await store(pool, [inspect(d) for d in batch], advance=False)  # as ingest
         await asyncio.sleep(0.05)  # asyncpg calls query loggers soon after, not at once
-        # The registers, the documents statement, then what it did not store: the
-        # stored hashes of its keys, and the conflict's row. No BEGIN, no COMMIT.
-        assert sent == ["SELECT", "WITH", "SELECT", "INSERT"]
+        # The documents statement (which reads the registers too), then what it did not
+        # store: the stored hashes of its keys, and the conflict's row. No BEGIN, no COMMIT.
+        assert sent == ["WITH", "SELECT", "INSERT"]
         assert (result.stored, result.duplicates, result.conflicts) == (1, 1, 1)
         assert await pool.fetchval("SELECT count(*) FROM conflicts") == 1
         assert await _stock_pending(pool) == {(center, "bread"): -750, (center, "jam"): -1}
@@ -147,6 +147,33 @@ async def test_a_batch_of_sales_only_is_one_statement_without_begin_or_commit(
         await store(pool, [inspect(till.delivery(4, "shift_open", _shift_open()))], advance=False)
         await asyncio.sleep(0.05)
         assert (sent[:2], sent[-1]) == (["SELECT", "BEGIN;"], "COMMIT;")  # registers read first
+
+        # A sale of a revoked register among them: the checked statement stores nothing,
+        # and the transaction stores the rest and refuses it.
+        revoked = _Register(await enroll(center_id=center))
+        await pool.execute(
+            "UPDATE registers SET revoked_at = now() WHERE register_id = $1", revoked.register_id
+        )
+        sent.clear()
+        batch = [
+            till.delivery(5, "receipt", sale_body(5, [("jam", 2_000)])),
+            revoked.delivery(1, "receipt", sale_body(1, [("jam", 7_000)])),
+        ]
+        result = await store(pool, [inspect(d) for d in batch], advance=False)
+        await asyncio.sleep(0.05)
+        assert (sent[:2], sent[-1]) == (["WITH", "BEGIN;"], "COMMIT;")
+        assert (result.stored, result.refused) == (1, 1)
+        assert result.accepted == {till.register_id: {5}}
+        letters = await pool.fetch(
+            "SELECT code, seq FROM dead_letters WHERE register_id = $1", revoked.register_id
+        )
+        assert [tuple(r) for r in letters] == [("unknown_register", 1)]
+        documents = await pool.fetch(
+            "SELECT register_id, seq FROM documents WHERE seq = 5 OR register_id = $1",
+            revoked.register_id,
+        )
+        assert [tuple(r) for r in documents] == [(till.register_id, 5)]
+        assert await _stock_pending(pool) == {(center, "bread"): -750, (center, "jam"): -2_001}
 
 
 def _shift_open() -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Applying one ingest batch to PostgreSQL, in one transaction (or, for a batch of sales
-alone, in one statement: :func:`_statement_alone`).
+alone, in one statement that checks the registers too: :func:`_statement_alone`; when a
+register refuses a delivery, that statement stores nothing and the batch takes the
+transaction).
 
 Within the transaction: look up the registers the batch mentions and finish the checks
 (:mod:`tillsync_central.intake`); insert the valid documents with ``ON CONFLICT DO
@@ -68,8 +70,21 @@ SELECT register_id, center_id, revoked_at FROM registers WHERE register_id = ANY
 # their stock lines summed per center and item (stock.sale_line_columns). The receipts'
 # foreign key to documents is checked at the end of the statement, when the documents'
 # rows are there.
+# With $27 (register ids), the statement first checks that every document's register is
+# known, not revoked and of the document's center (intake.check_register's rule, which
+# decides from the register rows returned, seq NULL) and stores nothing if one is not:
+# a batch that is a statement alone needs no round trip of its own for its registers.
 _INSERT_DOCUMENTS = """
-WITH new AS (
+WITH regs AS (
+    SELECT register_id, center_id, revoked_at FROM registers
+    WHERE register_id = ANY($27::text[])
+), allowed AS (
+    SELECT $27::text[] IS NULL OR NOT EXISTS (
+        SELECT 1 FROM unnest($1::text[], $4::text[]) AS c(register_id, center_id)
+        LEFT JOIN regs r USING (register_id)
+        WHERE r.register_id IS NULL OR r.revoked_at IS NOT NULL OR r.center_id <> c.center_id
+    ) AS ok
+), new AS (
     INSERT INTO documents (register_id, seq, doc_id, center_id, doc_type, created_at, payload,
                            payload_json, content_hash)
     SELECT u.register_id, u.seq, u.doc_id, u.center_id, u.doc_type, u.created_at, u.payload,
@@ -78,6 +93,7 @@ WITH new AS (
                 $6::timestamptz[], $7::bytea[], $8::text[], $9::bytea[])
          AS u(register_id, seq, doc_id, center_id, doc_type, created_at, payload, payload_json,
               content_hash)
+    WHERE (SELECT ok FROM allowed)
     ON CONFLICT DO NOTHING
     RETURNING register_id, seq
 ), new_receipts AS (
@@ -99,7 +115,9 @@ WITH new AS (
     GROUP BY l.center_id, l.item_id
     HAVING sum(l.qty_milli) <> 0
 )
-SELECT register_id, seq FROM new
+SELECT register_id, seq, NULL::text AS center_id, NULL::timestamptz AS revoked_at FROM new
+UNION ALL
+SELECT register_id, NULL, center_id, revoked_at FROM regs
 """
 _EXISTING_BY_KEY = """
 SELECT d.register_id, d.seq, d.content_hash
@@ -180,6 +198,13 @@ class BatchResult:
         self.stock_lines += other.stock_lines
         for register_id, seq in other.stored_through.items():
             self.stored_through[register_id] = max(seq, self.stored_through.get(register_id, 0))
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A checked documents statement stored nothing: a register refuses a delivery."""
+
+    registers: dict[str, RegisterRow]
 
 
 @dataclass(frozen=True)
@@ -270,15 +295,18 @@ async def advance_state(pool: asyncpg.Pool, stored_through: dict[str, int]) -> N
 async def _apply(pool: asyncpg.Pool, inspections: Sequence[Inspection]) -> BatchResult:
     result = BatchResult()
     async with pool.acquire() as conn:
-        # Read once, before any transaction: under READ COMMITTED a read inside one would
-        # see nothing newer, and a batch that turns out not to be a statement alone (a
-        # refused delivery) reuses it.
-        registers = await _registers(conn, inspections)
-        if _statement_alone(inspections) and all(
-            check_register(i, registers) is None for i in inspections
-        ):
-            await _store_documents(conn, [_valid(i) for i in inspections], result)
-            return result
+        if _statement_alone(inspections):
+            # The registers are checked and read by the documents statement itself.
+            refused = await _store_documents(
+                conn, [_valid(i) for i in inspections], result, check=_register_ids(inspections)
+            )
+            if refused is None:
+                return result
+            registers = refused.registers  # nothing was stored: a delivery is refused below
+        else:
+            # Read once, before the transaction: under READ COMMITTED a read inside one
+            # would see nothing newer.
+            registers = await _registers(conn, inspections)
         async with conn.transaction():
             valid: list[_Valid] = []
             letters: list[DeadLetter] = []
@@ -319,7 +347,8 @@ def _valid(inspection: Inspection) -> _Valid:
     return _Valid(inspection, inspection.document, digest)
 
 
-async def _registers(conn: Conn, inspections: Sequence[Inspection]) -> dict[str, RegisterRow]:
+def _register_ids(inspections: Sequence[Inspection]) -> list[str]:
+    """The registers a batch names: its documents' and its senders' (for attribution)."""
     ids: set[str] = set()
     for inspection in inspections:
         if inspection.document is not None:
@@ -327,9 +356,14 @@ async def _registers(conn: Conn, inspections: Sequence[Inspection]) -> dict[str,
         user_register = register_of_user(inspection.delivery.user_id)
         if user_register is not None:
             ids.add(user_register)
+    return sorted(ids)
+
+
+async def _registers(conn: Conn, inspections: Sequence[Inspection]) -> dict[str, RegisterRow]:
+    ids = _register_ids(inspections)
     if not ids:
         return {}
-    rows = await conn.fetch(_REGISTERS, sorted(ids))
+    rows = await conn.fetch(_REGISTERS, ids)
     return {row["register_id"]: RegisterRow(**dict(row)) for row in rows}
 
 
@@ -377,7 +411,13 @@ def _rejection(seq: int, doc_id: str | None, error: TillsyncError) -> Rejection:
     )
 
 
-async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult) -> None:
+async def _store_documents(
+    conn: Conn, valid: list[_Valid], result: BatchResult, *, check: list[str] | None = None
+) -> _Refused | None:
+    """Store ``valid`` (duplicates and conflicts recognised). With ``check`` (the batch's
+    register ids; only for a batch of distinct keys and doc_ids, one round), the registers
+    are checked in the same statement: if one refuses, nothing is stored and the register
+    rows are returned."""
     new: list[_Valid] = []
     duplicates: list[_Valid] = []
     pending = valid
@@ -395,8 +435,11 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
                 keys.add(item.key)
                 doc_ids.add(item.document.doc_id)
                 round_items.append(item)
-        new.extend(await _store_round(conn, round_items, result, duplicates))
-        pending = later
+        stored = await _store_round(conn, round_items, result, duplicates, check)
+        if isinstance(stored, _Refused):
+            return stored
+        new.extend(stored)
+        pending, check = later, None
     documents = [item.document for item in new]
     await typed_rows.insert_shifts(conn, documents)
     for item in [*new, *duplicates]:
@@ -409,6 +452,7 @@ async def _store_documents(conn: Conn, valid: list[_Valid], result: BatchResult)
         len(d.body.lines) for d in documents if isinstance(d, (Receipt, Refund))
     )
     await _settle_item_edits(conn, new, duplicates, result)
+    return None
 
 
 async def _lock_catalog_scopes(conn: Conn, documents: list[Document]) -> dict[tuple[str, int], str]:
@@ -445,12 +489,20 @@ async def _settle_item_edits(
 
 
 async def _store_round(
-    conn: Conn, items: list[_Valid], result: BatchResult, duplicates: list[_Valid]
-) -> list[_Valid]:
+    conn: Conn,
+    items: list[_Valid],
+    result: BatchResult,
+    duplicates: list[_Valid],
+    check: list[str] | None = None,
+) -> list[_Valid] | _Refused:
     """Insert items of distinct keys and doc_ids; classify the rest (duplicates appended
-    to ``duplicates``); return the new."""
+    to ``duplicates``); return the new. With ``check``, see :func:`_store_documents`."""
     items = sorted(items, key=lambda item: item.key)  # one lock order for every worker
-    inserted = await _insert_documents(conn, items)
+    inserted, registers = await _insert_documents(conn, items, check)
+    if check is not None and any(
+        check_register(i.inspection, registers) is not None for i in items
+    ):
+        return _Refused(registers)  # the statement stored nothing
     new = [item for item in items if item.key in inserted]
     others = [item for item in items if item.key not in inserted]
     conflicts: list[tuple[str, _Valid, bytes]] = []
@@ -491,7 +543,10 @@ def _ids(item: _Valid) -> dict[str, object]:
     }
 
 
-async def _insert_documents(conn: Conn, items: list[_Valid]) -> set[tuple[str, int]]:
+async def _insert_documents(
+    conn: Conn, items: list[_Valid], check: list[str] | None
+) -> tuple[set[tuple[str, int]], dict[str, RegisterRow]]:
+    """The keys stored, and the register rows of ``check`` (read by the statement)."""
     docs = [item.document for item in items]
     rows = await conn.fetch(
         _INSERT_DOCUMENTS,
@@ -508,8 +563,15 @@ async def _insert_documents(conn: Conn, items: list[_Valid]) -> set[tuple[str, i
         [item.content_hash for item in items],
         *typed_rows.receipt_columns(docs),
         *sale_line_columns(docs),
+        check,
     )
-    return {(row["register_id"], row["seq"]) for row in rows}
+    inserted = {(row["register_id"], row["seq"]) for row in rows if row["seq"] is not None}
+    registers = {
+        row["register_id"]: RegisterRow(row["register_id"], row["center_id"], row["revoked_at"])
+        for row in rows
+        if row["seq"] is None
+    }
+    return inserted, registers
 
 
 async def _record_conflicts(
