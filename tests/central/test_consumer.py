@@ -1,5 +1,5 @@
-"""The batch consumer's collection against real RabbitMQ: an idle worker waits for more,
-a busy one takes what waited at once."""
+"""The batch consumer: its collection against real RabbitMQ (an idle worker waits for
+more, a busy one takes what waited at once), and its connect attempts on a silent link."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import asyncio
 from collections.abc import Sequence
 
 import aio_pika
+import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
+from amqp_connections import watch_connections
+from tillsync_central import consumer
 from tillsync_central.consumer import BatchConsumer, Session
 from tillsync_central.settings import CentralSettings
+from tillsync_protocol import Backoff
 
 QUEUE = "test.batches"
 MAX_WAIT_S = 60.0  # far longer than any wait the test allows: a wait shows as a timeout
@@ -77,3 +81,37 @@ async def test_an_idle_worker_gathers_and_a_busy_one_takes_what_waited(
         declared = await channel.declare_queue(QUEUE, passive=True)
         assert declared.declaration_result.message_count == 0
         await queue.delete(if_unused=False, if_empty=False)
+
+
+async def test_a_connect_attempt_that_times_out_closes_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker that accepts and never answers: each attempt given up is closed by the
+    worker, not left to the garbage collector (see ``consumer.connect_amqp``)."""
+    monkeypatch.setattr(consumer, "CONNECT_TIMEOUT_S", 0.3)
+    made = watch_connections(monkeypatch)
+    closed: asyncio.Queue[None] = asyncio.Queue()
+
+    async def silent_broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # the protocol header, then nothing until the worker's EOF
+        closed.put_nowait(None)
+        writer.close()
+
+    server = await asyncio.start_server(silent_broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    worker = Recorder(f"amqp://u:p@127.0.0.1:{port}/")
+    worker._backoff = Backoff(0.5, 0.5)  # the next attempt 0.25-0.5 s after the last
+    stopping = asyncio.Event()
+    task = asyncio.create_task(worker.run(stopping))
+    try:
+        for _ in range(2):
+            await asyncio.wait_for(closed.get(), timeout=10)
+            await asyncio.sleep(0.05)  # the attempt's close runs on
+            assert made
+            assert all(c.is_closed for c in made), "a connection left open"
+        assert not worker.connected.is_set()
+    finally:
+        stopping.set()
+        await asyncio.wait_for(task, timeout=30)
+        server.close()
+        await server.wait_closed()

@@ -8,12 +8,14 @@ while it is disconnected: here every await has a timeout, and the link's state
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractConnection, AbstractExchange, AbstractIncomingMessage
+from aio_pika.connection import make_url
 
 from tillsync_protocol import Backoff, topology
 
@@ -28,6 +30,7 @@ __all__ = ["Link", "LinkState"]
 log = structlog.get_logger(__name__)
 
 CONNECT_TIMEOUT_S = 15.0
+CLOSE_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -82,17 +85,7 @@ class Link:
             self.state.reconnects += 1
 
     async def _connect_and_serve(self, stopping: asyncio.Event) -> None:
-        connection = await asyncio.wait_for(
-            aio_pika.connect(
-                self._settings.amqp_url.get_secret_value(),
-                ssl_context=ssl_context(self._settings),  # None for amqp://
-                timeout=CONNECT_TIMEOUT_S,
-                client_properties={
-                    "connection_name": f"tillsync-agent {self._settings.register_id}"
-                },
-            ),
-            timeout=CONNECT_TIMEOUT_S + 1,
-        )
+        connection = await _connect(self._settings)
         closed = asyncio.Event()
         connection.close_callbacks.add(lambda *_: closed.set())
         try:
@@ -133,6 +126,27 @@ class Link:
                 for callback in self.on_down:
                     callback()
             try:
-                await asyncio.wait_for(connection.close(), timeout=5)
+                await asyncio.wait_for(connection.close(), timeout=CLOSE_TIMEOUT_S)
             except (TimeoutError, Exception):
                 pass
+
+
+async def _connect(settings: AgentSettings) -> AbstractConnection:
+    """``aio_pika.connect``, except that a connection that fails or times out on its way
+    up is closed here. aio-pika leaves it to the garbage collector: on a silent or cut
+    link, every attempt left a socket open until then, or for good when no event loop
+    was running at that moment (a ``RuntimeWarning``)."""
+    connection = aio_pika.Connection(
+        make_url(settings.amqp_url.get_secret_value()),
+        ssl_context=ssl_context(settings),  # None for amqp://
+        client_properties={"connection_name": f"tillsync-agent {settings.register_id}"},
+    )
+    try:
+        await asyncio.wait_for(
+            connection.connect(timeout=CONNECT_TIMEOUT_S), timeout=CONNECT_TIMEOUT_S + 1
+        )
+    except BaseException:
+        with contextlib.suppress(TimeoutError, Exception):
+            await asyncio.wait_for(connection.close(), timeout=CLOSE_TIMEOUT_S)
+        raise
+    return connection

@@ -41,7 +41,7 @@ from tillsync_protocol import Backoff, TillsyncError, topology
 from tillsync_protocol.control import ResendRequest, ResendRequestBody
 
 from .confirms import control_message, publish_in_order
-from .consumer import wait_any
+from .consumer import connect_amqp, wait_any
 from .dead_letters import Conn
 from .settings import CentralSettings
 from .stock import fold_stock
@@ -58,7 +58,6 @@ log = structlog.get_logger(__name__)
 
 # Any constant both sides agree on; pg_try_advisory_xact_lock(int, int) namespaces it.
 RECONCILE_LOCK = (0x7469, 0x5EC0)
-CONNECT_TIMEOUT_S = 15.0
 CLOSE_TIMEOUT_S = 5.0
 MAX_GAPS_PER_REGISTER = 100
 MAX_SHIFTS_PER_PASS = 500
@@ -383,13 +382,8 @@ class Reconciler:
         log.info("reconciler stopped", **vars(self.stats))
 
     async def _session(self, stopping: asyncio.Event) -> None:
-        connection = await asyncio.wait_for(
-            aio_pika.connect(
-                self._settings.amqp_url.get_secret_value(),
-                timeout=CONNECT_TIMEOUT_S,
-                client_properties={"connection_name": "tillsync-central reconciler"},
-            ),
-            timeout=CONNECT_TIMEOUT_S + 1,
+        connection = await connect_amqp(
+            self._settings.amqp_url.get_secret_value(), "tillsync-central reconciler"
         )
         try:
             closed = asyncio.Event()

@@ -32,7 +32,7 @@ from tillsync_protocol import CONTENT_TYPE, PROTOCOL_VERSION, Backoff, topology
 
 from .catalog import NOTIFY_CHANNEL
 from .confirms import publish_in_order
-from .consumer import CLOSE_TIMEOUT_S, CONNECT_TIMEOUT_S, wait_any
+from .consumer import CLOSE_TIMEOUT_S, connect_amqp, wait_any
 from .db import connect
 from .settings import CentralSettings
 
@@ -163,13 +163,8 @@ class Relay:
                 return
             wake = asyncio.Event()
             await conn.add_listener(NOTIFY_CHANNEL, lambda *_: wake.set())
-            connection = await asyncio.wait_for(
-                aio_pika.connect(
-                    self._settings.amqp_url.get_secret_value(),
-                    timeout=CONNECT_TIMEOUT_S,
-                    client_properties={"connection_name": "tillsync-central relay"},
-                ),
-                timeout=CONNECT_TIMEOUT_S + 1,
+            connection = await connect_amqp(
+                self._settings.amqp_url.get_secret_value(), "tillsync-central relay"
             )
             try:
                 await self._publish_loop(conn, connection, wake, stopping)
