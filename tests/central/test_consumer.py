@@ -14,7 +14,6 @@ from amqp_connections import watch_connections
 from tillsync_central import consumer
 from tillsync_central.consumer import BatchConsumer, Session
 from tillsync_central.settings import CentralSettings
-from tillsync_protocol import Backoff
 
 QUEUE = "test.batches"
 MAX_WAIT_S = 60.0  # far longer than any wait the test allows: a wait shows as a timeout
@@ -24,8 +23,8 @@ class Recorder(BatchConsumer):
     queue_name = QUEUE
     name = "recorder"
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url, prefetch=100, batch_size=3, max_wait=MAX_WAIT_S)
+    def __init__(self, url: str, **options: float) -> None:
+        super().__init__(url, prefetch=100, batch_size=3, max_wait=MAX_WAIT_S, **options)
         self.batches: asyncio.Queue[list[bytes]] = asyncio.Queue()
         self.release = asyncio.Event()
 
@@ -99,8 +98,8 @@ async def test_a_connect_attempt_that_times_out_closes_its_connection(
 
     server = await asyncio.start_server(silent_broker, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    worker = Recorder(f"amqp://u:p@127.0.0.1:{port}/")
-    worker._backoff = Backoff(0.5, 0.5)  # the next attempt 0.25-0.5 s after the last
+    # The next attempt 0.25-0.5 s after the last: none starts while the test looks.
+    worker = Recorder(f"amqp://u:p@127.0.0.1:{port}/", reconnect_base=0.5, reconnect_cap=0.5)
     stopping = asyncio.Event()
     task = asyncio.create_task(worker.run(stopping))
     try:
