@@ -41,7 +41,7 @@ from tillsync_protocol import Backoff, TillsyncError, topology
 from tillsync_protocol.control import ResendRequest, ResendRequestBody
 
 from .confirms import control_message, publish_in_order
-from .consumer import connect_amqp, wait_any
+from .consumer import CLOSE_TIMEOUT_S, connect_amqp, wait_any
 from .dead_letters import Conn
 from .settings import CentralSettings
 from .stock import fold_stock
@@ -58,7 +58,6 @@ log = structlog.get_logger(__name__)
 
 # Any constant both sides agree on; pg_try_advisory_xact_lock(int, int) namespaces it.
 RECONCILE_LOCK = (0x7469, 0x5EC0)
-CLOSE_TIMEOUT_S = 5.0
 MAX_GAPS_PER_REGISTER = 100
 MAX_SHIFTS_PER_PASS = 500
 
