@@ -16,7 +16,17 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
-from tills import Till, canonical, count, pack, raw_document, receipt_body, store_seqs, until
+from tills import (
+    Till,
+    canonical,
+    count,
+    documents_rows_read,
+    pack,
+    raw_document,
+    receipt_body,
+    store_seqs,
+    until,
+)
 
 from conftest import Enroll, new_id
 from tillsync_central.ingest import StateAdvancer
@@ -640,14 +650,7 @@ async def _advance_counting_reads(
             "SELECT contiguous_seq, last_seq FROM register_state WHERE register_id = $1",
             register_id,
         )
-
-    def reads(node: dict[str, Any]) -> int:
-        own = 0
-        if node.get("Relation Name") == "documents":
-            own = node["Actual Rows"] * node["Actual Loops"]
-        return own + sum(reads(child) for child in node.get("Plans", []))
-
-    return reads(plan[0]["Plan"]), state["contiguous_seq"], state["last_seq"]
+    return documents_rows_read(plan), state["contiguous_seq"], state["last_seq"]
 
 
 async def test_register_state_reads_the_new_run_not_the_registers_history(

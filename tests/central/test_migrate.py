@@ -59,6 +59,7 @@ TABLES = {
     "stock_pending",
     "stock_voided",
     "stock_voids_waiting",
+    # 0009_gap_search adds a column only
 }
 ALL = [migration.name for migration in load_migrations()]
 """Every migration of the package, in order: a new file needs no edit here (TABLES does)."""

@@ -4,6 +4,7 @@ backoff) and closed, and Z-reports are checked against the documents received.""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,8 +14,8 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from central.conftest import Enroll, new_id
-from central.tills import Till, state_settled, store_seqs
-from tillsync_central.reconcile import Difference, reconcile_pass
+from central.tills import Till, documents_rows_read, state_settled, store_seqs
+from tillsync_central.reconcile import MAX_GAPS_PER_REGISTER, Difference, PassResult, reconcile_pass
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
 from tillsync_protocol import ResendRequest, decode_control, topology
@@ -199,6 +200,137 @@ async def test_a_pass_moves_last_seq_with_contiguous_seq_when_the_state_lags(
         "SELECT from_seq, to_seq FROM seq_holes WHERE register_id = $1", register_id
     )
     assert [tuple(h) for h in holes] == [(9, 9)]
+
+
+async def _pass_counting_reads(pool: asyncpg.Pool, register_id: str) -> tuple[PassResult, int]:
+    """A pass (no requests sent), and the ``documents`` rows read for ``register_id``: the
+    statements the pass ran with that register's id, run again with the same arguments
+    under ``EXPLAIN ANALYZE`` (they only read)."""
+    ran: list[tuple[str, tuple[Any, ...]]] = []
+
+    def record(query: asyncpg.connection.LoggedQuery) -> None:
+        if query.args and query.args[0] == register_id and "FROM documents" in query.query:
+            ran.append((query.query, query.args))
+
+    async with pool.acquire() as conn:
+        conn.add_query_logger(record)
+        try:
+            result = await reconcile_pass(conn, None, hole_grace_s=60, request_cap_s=3600)
+        finally:
+            await asyncio.sleep(0)  # loggers are called soon after each query
+            conn.remove_query_logger(record)
+        assert ran, "the pass searched nothing for this register"
+        read = 0
+        for query, args in ran:
+            plan = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *args)
+            read += documents_rows_read(json.loads(plan) if isinstance(plan, str) else plan)
+    return result, read
+
+
+async def _holes_and_state(pool: asyncpg.Pool, register_id: str) -> tuple[list[Any], Any]:
+    holes = await pool.fetch(
+        "SELECT from_seq, to_seq, resolved_at IS NULL AS open FROM seq_holes"
+        " WHERE register_id = $1 ORDER BY from_seq, id",
+        register_id,
+    )
+    state = await pool.fetchrow(
+        "SELECT contiguous_seq, last_seq, gaps_checked_seq FROM register_state"
+        " WHERE register_id = $1",
+        register_id,
+    )
+    return [tuple(h) for h in holes], tuple(state)
+
+
+async def test_a_pass_reads_the_open_holes_and_new_documents_not_the_history_after_a_hole(
+    enroll: Enroll, pool: asyncpg.Pool
+) -> None:
+    """Behind a hole that does not fill (a document central refused, say), contiguous_seq
+    stays put; a pass searches that hole again and what was stored since the last pass,
+    not every document after the hole: that grew with the register's history, each pass."""
+    enrollment = await enroll()
+    register_id, center_id = enrollment.register_id, enrollment.center_id
+
+    async def stored(seqs: range) -> None:
+        await store_seqs(pool, register_id, center_id, seqs)
+        # As ingest's state writer moves it on (see test_a_pass_moves_last_seq_…).
+        await pool.execute(
+            "UPDATE register_state SET last_seq = greatest(last_seq, $2) WHERE register_id = $1",
+            register_id,
+            seqs[-1],
+        )
+
+    await stored(range(1, 2))
+    await stored(range(3, 3001))
+    await pool.execute("ANALYZE documents")  # as autovacuum keeps it: plans use the index
+    result, read = await _pass_counting_reads(pool, register_id)
+    assert read >= 2998  # the first search reads all of it, once
+    assert await _holes_and_state(pool, register_id) == ([(2, 2, True)], (1, 3000, 3000))
+
+    # Ten more with a hole at 3005: the pass reads those, not the 3,000 before them.
+    await stored(range(3001, 3005))
+    await stored(range(3006, 3011))
+    result, read = await _pass_counting_reads(pool, register_id)
+    assert read <= 10
+    assert result.holes_open == 2
+    assert await _holes_and_state(pool, register_id) == (
+        [(2, 2, True), (3005, 3005, True)],
+        (1, 3010, 3010),
+    )
+
+    # The first hole fills: resolved, and contiguous_seq stops before the second.
+    await stored(range(2, 3))
+    result, read = await _pass_counting_reads(pool, register_id)
+    assert read <= 3
+    assert (result.holes_open, result.holes_resolved) == (1, 1)
+    assert await _holes_and_state(pool, register_id) == (
+        [(2, 2, False), (3005, 3005, True)],
+        (3004, 3010, 3010),
+    )
+
+    # The second one too: nothing open, every seq stored.
+    await stored(range(3005, 3006))
+    result, _ = await _pass_counting_reads(pool, register_id)
+    assert (result.holes_open, result.holes_resolved) == (0, 1)
+    assert await _holes_and_state(pool, register_id) == (
+        [(2, 2, False), (3005, 3005, False)],
+        (3010, 3010, 3010),
+    )
+
+
+async def test_a_pass_keeps_the_first_holes_of_many_and_finds_the_rest_as_they_fill(
+    enroll: Enroll, pool: asyncpg.Pool
+) -> None:
+    """A register missing every other seq: at most MAX_GAPS_PER_REGISTER of its holes are
+    open at a time, the first ones; the later ones are found once earlier ones fill."""
+    enrollment = await enroll()
+    register_id, center_id = enrollment.register_id, enrollment.center_id
+    missing = list(range(2, 2 * (MAX_GAPS_PER_REGISTER + 50) + 1, 2))  # 150 of them
+    last = missing[-1] + 1
+    await store_seqs(pool, register_id, center_id, range(1, last + 1, 2))
+    await pool.execute(
+        "UPDATE register_state SET last_seq = $2 WHERE register_id = $1", register_id, last
+    )
+    kept = missing[:MAX_GAPS_PER_REGISTER]
+    for _ in range(2):  # and again: the rest waits
+        assert (await _pass(pool, None, grace=60)).holes_open == MAX_GAPS_PER_REGISTER
+        holes, state = await _holes_and_state(pool, register_id)
+        assert holes == [(seq, seq, True) for seq in kept]
+        assert state == (1, last, kept[-1])
+
+    # The first 60 fill: those are resolved, and the last 50 found.
+    await store_seqs(pool, register_id, center_id, missing[:60])
+    result = await _pass(pool, None, grace=60)
+    assert (result.holes_open, result.holes_resolved) == (90, 60)
+    holes, state = await _holes_and_state(pool, register_id)
+    assert [h[0] for h in holes if h[2]] == missing[60:]
+    assert [h[0] for h in holes if not h[2]] == missing[:60]
+    assert state == (missing[60] - 1, last, last)
+
+    # All of them: nothing open, contiguous_seq at the end.
+    await store_seqs(pool, register_id, center_id, missing[60:])
+    result = await _pass(pool, None, grace=60)
+    assert (result.holes_open, result.holes_resolved) == (0, 90)
+    assert (await _holes_and_state(pool, register_id))[1] == (last, last, last)
 
 
 async def test_a_hole_filled_from_its_start_leaves_a_new_hole_for_the_rest(

@@ -220,6 +220,19 @@ async def until(
             await asyncio.sleep(interval)
 
 
+def documents_rows_read(plan: list[dict[str, Any]]) -> int:
+    """The ``documents`` rows an ``EXPLAIN (ANALYZE, FORMAT JSON)`` plan read, over all
+    its loops: what a statement costs as a register's history grows."""
+
+    def reads(node: dict[str, Any]) -> int:
+        own = 0
+        if node.get("Relation Name") == "documents":
+            own = node["Actual Rows"] * node["Actual Loops"]
+        return own + sum(reads(child) for child in node.get("Plans", []))
+
+    return reads(plan[0]["Plan"])
+
+
 _STATE_BEHIND = """
 SELECT count(*) FROM (SELECT register_id, max(seq) AS last FROM documents GROUP BY 1) d
 LEFT JOIN register_state s USING (register_id)

@@ -6,8 +6,11 @@ Every ``reconcile_interval_s`` one pass, in one transaction that takes an adviso
 1. **Holes.** For each register whose ``last_seq`` is past its ``contiguous_seq`` (the
    ``register_state`` row store.py keeps), find the missing ranges, move
    ``contiguous_seq`` up to the first of them (only ever forward), and keep each range
-   in ``seq_holes``. A hole younger than ``reconcile_hole_grace_s`` is left alone: two
-   ingest workers commit batches out of order and most holes close within milliseconds.
+   in ``seq_holes``. A pass searches the open holes again and the documents stored since
+   the last search (``gaps_checked_seq``), not all after ``contiguous_seq``: behind a
+   hole that never fills that was the register's whole history, every pass. A hole
+   younger than ``reconcile_hole_grace_s`` is left alone: two ingest workers commit
+   batches out of order and most holes close within milliseconds.
    An older one gets a ``resend_request`` (key ``reg.<register>.resend``), repeated with
    the shared capped backoff while it stays open. A filled hole is marked resolved.
    Central cannot see missing documents at the *end* of a register's seqs; the register's
@@ -64,26 +67,53 @@ MAX_SHIFTS_PER_PASS = 500
 _LOCK = "SELECT pg_try_advisory_xact_lock($1, $2)"
 
 _LAGGING = """
-SELECT register_id, contiguous_seq, last_seq FROM register_state
+SELECT register_id, contiguous_seq, gaps_checked_seq FROM register_state
 WHERE last_seq > contiguous_seq ORDER BY register_id
 """
 
-# The missing ranges after contiguous_seq: a gap before each stored seq whose
-# predecessor (or contiguous_seq, for the first) is not the seq right before it.
+# The open holes above contiguous_seq of the lagging registers, in seq order.
+_OPEN_HOLES = """
+SELECT h.register_id, h.from_seq, h.to_seq
+FROM seq_holes h JOIN register_state st USING (register_id)
+WHERE h.resolved_at IS NULL AND h.to_seq > st.contiguous_seq
+  AND h.register_id = ANY($1::text[])
+ORDER BY h.register_id, h.from_seq
+"""
+
+# The missing ranges inside windows lo..hi of one register's seqs: the open holes found
+# before (hi set) and the tail after what earlier passes searched (hi NULL). A gap is
+# before each stored seq whose predecessor in its window (lo - 1 for the first) is not
+# the seq right before it; a hole's window counts hi + 1 as stored, so a hole's
+# unfilled end stays a gap. In seq order, at most $4 of them; and one row with from_seq
+# NULL and the greatest seq stored in the tail window as to_seq (NULL: none). One
+# statement, so both come from one snapshot of the table.
 _GAPS = """
-SELECT coalesce(prev, $2) + 1 AS from_seq, seq - 1 AS to_seq
-FROM (SELECT seq, lag(seq) OVER (ORDER BY seq) AS prev
-      FROM documents WHERE register_id = $1 AND seq > $2) s
-WHERE seq > coalesce(prev, $2) + 1
-ORDER BY from_seq
-LIMIT $3
+WITH stored AS (
+    SELECT w.lo, w.hi, d.seq
+    FROM unnest($2::bigint[], $3::bigint[]) AS w (lo, hi)
+    CROSS JOIN LATERAL (
+        SELECT seq FROM documents
+        WHERE register_id = $1 AND seq BETWEEN w.lo AND coalesce(w.hi, 9223372036854775806)
+        UNION ALL
+        SELECT w.hi + 1 WHERE w.hi IS NOT NULL
+    ) d
+), gaps AS (
+    SELECT coalesce(lag(seq) OVER (PARTITION BY lo ORDER BY seq), lo - 1) + 1 AS from_seq,
+           seq - 1 AS to_seq
+    FROM stored
+)
+(SELECT from_seq, to_seq FROM gaps WHERE to_seq >= from_seq ORDER BY from_seq LIMIT $4)
+UNION ALL
+SELECT NULL, max(seq) FROM stored WHERE hi IS NULL
 """
 
 # The seq $2 is stored; last_seq may not have reached it yet (ingest's state writer
-# comes after the acks), and the table checks last_seq >= contiguous_seq.
+# comes after the acks), and the table checks last_seq >= contiguous_seq. $3: where the
+# next pass's search for new holes starts (it may go back, see _search).
 _ADVANCE = """
 UPDATE register_state
-SET contiguous_seq = greatest(contiguous_seq, $2), last_seq = greatest(last_seq, $2)
+SET contiguous_seq = greatest(contiguous_seq, $2), last_seq = greatest(last_seq, $2),
+    gaps_checked_seq = $3
 WHERE register_id = $1
 """
 
@@ -93,13 +123,18 @@ ON CONFLICT (register_id, from_seq) WHERE resolved_at IS NULL
 DO UPDATE SET to_seq = EXCLUDED.to_seq
 """
 
-# Open holes not among the ones just found are filled (or were, partly, from their start).
+# Resolved: an open hole now behind contiguous_seq (every seq up to it is stored), and
+# one this pass searched ($1, $2) and did not find again ($3, $4); a hole filled from its
+# start is found again under another from_seq, as a new hole.
 _RESOLVE = """
-UPDATE seq_holes SET resolved_at = now()
-WHERE resolved_at IS NULL
-  AND (register_id, from_seq) NOT IN (
-      SELECT * FROM unnest($1::text[], $2::bigint[]))
-RETURNING register_id, from_seq, to_seq, requests
+UPDATE seq_holes h SET resolved_at = now()
+FROM register_state st
+WHERE h.resolved_at IS NULL AND st.register_id = h.register_id
+  AND (h.to_seq <= st.contiguous_seq
+       OR ((h.register_id, h.from_seq) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))
+           AND (h.register_id, h.from_seq) NOT IN (
+               SELECT * FROM unnest($3::text[], $4::bigint[]))))
+RETURNING h.register_id, h.from_seq, h.to_seq, h.requests
 """
 
 _DUE = """
@@ -222,29 +257,7 @@ async def reconcile_pass(
         if not await conn.fetchval(_LOCK, *RECONCILE_LOCK):
             return PassResult(locked=False)
         result = PassResult()
-        found_registers: list[str] = []
-        found_from: list[int] = []
-        for row in await conn.fetch(_LAGGING):
-            register_id, contiguous = row["register_id"], row["contiguous_seq"]
-            gaps = await conn.fetch(_GAPS, register_id, contiguous, MAX_GAPS_PER_REGISTER)
-            if gaps:
-                await conn.execute(_ADVANCE, register_id, gaps[0]["from_seq"] - 1)
-            else:
-                await conn.execute(_ADVANCE, register_id, row["last_seq"])
-            for gap in gaps:
-                await conn.execute(_OPEN_HOLE, register_id, gap["from_seq"], gap["to_seq"])
-                found_registers.append(register_id)
-                found_from.append(gap["from_seq"])
-        result.holes_open = len(found_from)
-        for hole in await conn.fetch(_RESOLVE, found_registers, found_from):
-            result.holes_resolved += 1
-            log.info(
-                "seq hole filled",
-                register_id=hole["register_id"],
-                from_seq=hole["from_seq"],
-                to_seq=hole["to_seq"],
-                requests=hole["requests"],
-            )
+        await _search_holes(conn, result)
         if exchange is not None:
             due = await conn.fetch(_DUE, hole_grace_s, request_cap_s)
             if due:
@@ -253,6 +266,105 @@ async def reconcile_pass(
         await _reconcile_shifts(conn, result)
         result.stock_rows = await _fold_stock(conn)
         return result
+
+
+@dataclass(frozen=True)
+class _Search:
+    """What a pass searched of one register's seqs and what it found there."""
+
+    holes: list[tuple[int, int]]
+    """The open holes searched again, (from_seq, to_seq)."""
+    gaps: list[tuple[int, int]]
+    """The missing ranges found, in seq order."""
+    contiguous: int
+    """Every seq up to it is stored."""
+    checked: int
+    """Where the next pass starts looking for new holes (``gaps_checked_seq``)."""
+
+
+async def _search(
+    conn: Conn,
+    register_id: str,
+    contiguous: int,
+    checked: int,
+    holes: Sequence[tuple[int, int]],
+) -> _Search:
+    """Search one register's open holes again, and the documents stored after what the
+    last search reached (``checked``), not every document after ``contiguous``: behind a
+    hole that never fills, that would be the register's whole history at every pass.
+
+    ``holes`` are the register's open holes above ``contiguous``, in seq order. Those
+    starting after ``checked`` (left there when a pass kept only its first
+    :data:`MAX_GAPS_PER_REGISTER` gaps) lie in the tail and are searched with it."""
+    reached = max(contiguous, checked)
+    inside = [h for h in holes if h[0] <= reached]
+    windows = inside[:MAX_GAPS_PER_REGISTER]
+    tail = len(inside) <= MAX_GAPS_PER_REGISTER  # else the holes before it come first
+    lows = [lo for lo, _ in windows]
+    highs: list[int | None] = [hi for _, hi in windows]
+    if tail:
+        lows.append(max([reached] + [hi for _, hi in windows]) + 1)
+        highs.append(None)
+    rows = await conn.fetch(_GAPS, register_id, lows, highs, MAX_GAPS_PER_REGISTER + 1)
+    seen: int | None = next(r["to_seq"] for r in rows if r["from_seq"] is None)
+    gaps = [(r["from_seq"], r["to_seq"]) for r in rows if r["from_seq"] is not None]
+    searched = list(windows) + ([h for h in holes if h[0] > reached] if tail else [])
+    if len(gaps) > MAX_GAPS_PER_REGISTER:
+        # Too many for one pass: keep the first ones. The next pass searches on from the
+        # end of the last one kept (a stored seq follows it), holes or tail alike.
+        gaps = gaps[:MAX_GAPS_PER_REGISTER]
+        end = gaps[-1][1]
+        searched = [h for h in searched if h[0] <= end]
+    elif tail:
+        end = max(reached, seen or 0)
+    else:
+        end = reached
+    firsts = [gaps[0][0]] if gaps else []
+    firsts += [h[0] for h in holes if h not in searched][:1]
+    # Without a gap or an unsearched hole, every seq up to ``end`` is stored.
+    through = min(firsts) - 1 if firsts else end
+    return _Search(searched, gaps, max(through, contiguous), end)
+
+
+async def _search_holes(conn: Conn, result: PassResult) -> None:
+    """Step 1 of a pass (see the module's docstring)."""
+    lagging = await conn.fetch(_LAGGING)
+    open_holes: dict[str, list[tuple[int, int]]] = {}
+    for row in await conn.fetch(_OPEN_HOLES, [r["register_id"] for r in lagging]):
+        open_holes.setdefault(row["register_id"], []).append((row["from_seq"], row["to_seq"]))
+    searched: list[tuple[str, int]] = []
+    found: list[tuple[str, int]] = []
+    for row in lagging:
+        register_id = row["register_id"]
+        search = await _search(
+            conn,
+            register_id,
+            row["contiguous_seq"],
+            row["gaps_checked_seq"],
+            open_holes.get(register_id, []),
+        )
+        await conn.execute(_ADVANCE, register_id, search.contiguous, search.checked)
+        for from_seq, to_seq in search.gaps:
+            await conn.execute(_OPEN_HOLE, register_id, from_seq, to_seq)
+            found.append((register_id, from_seq))
+        searched.extend((register_id, from_seq) for from_seq, _ in search.holes)
+    result.holes_open = len(found)
+    resolved = await conn.fetch(
+        _RESOLVE,
+        [r for r, _ in searched],
+        [s for _, s in searched],
+        [r for r, _ in found],
+        [s for _, s in found],
+    )
+    for hole in resolved:
+        result.holes_resolved += 1
+        log.info(
+            "seq hole filled",
+            register_id=hole["register_id"],
+            from_seq=hole["from_seq"],
+            to_seq=hole["to_seq"],
+            requests=hole["requests"],
+        )
 
 
 async def _fold_stock(conn: Conn) -> int:
