@@ -23,6 +23,8 @@ import aiosqlite
 
 from tillsync_protocol import ConfigError
 
+from .process import no_wakeup_preemption
+
 __all__ = [
     "CATALOG_TABLE",
     "SCHEMA_VERSION",
@@ -200,6 +202,8 @@ class Store:
             await self._db.execute("PRAGMA foreign_keys=ON")
             await self._db.execute("PRAGMA busy_timeout=5000")
             await self._migrate(self._db)
+            # The connection's thread must not preempt the event loop when handed work.
+            await self._hop(lambda _: no_wakeup_preemption())
         except BaseException:
             await self.close()
             raise
