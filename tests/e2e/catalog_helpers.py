@@ -333,12 +333,6 @@ async def running_agents(settings: Sequence[AgentSettings]) -> AsyncIterator[lis
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
 
 
-async def delete_broker_users(central: Central) -> None:
-    """Broker users are not per vhost: remove the registers' users a test created."""
-    for enrollment in central.enrollments.values():
-        await central.management.delete_user(enrollment.broker_user)
-
-
 async def cap_register_queue(central: Central, register_id: str, max_length: int) -> None:
     """Bound one register's queue to ``max_length`` messages by a policy: with both a
     policy and the queue's own ``x-max-length``, RabbitMQ applies the lower; the queue

@@ -191,6 +191,10 @@ async def central(
         yield instance
     finally:
         await instance.stop()
+        # Broker users are not per vhost: the registers' users go with the test, or every
+        # run would leave its fixed-name ones (`reg-r-hole`…) on the broker.
+        for enrollment in instance.enrollments.values():
+            await management.delete_user(enrollment.broker_user)
         await management.aclose()
         await pool.close()
         await make_database.drop(database_url)
