@@ -22,7 +22,7 @@ no such thread and keeps the default.
 Handing that thread a transaction wakes it, and Linux lets a thread that wakes up
 preempt the one running on its core, here the event loop, which holds the GIL at that
 moment: the woken thread asks for the GIL at once and waits, and the loop waits to be
-scheduled again, twice per transaction. :func:`no_wakeup_preemption` makes the SQLite
+scheduled again, at every hand-over. :func:`no_wakeup_preemption` makes the SQLite
 thread ``SCHED_BATCH`` (``sched(7)``): it still gets its fair share of CPU, but waits for
 the running thread's turn to end instead of preempting it, and on an idle core it runs at
 once as before. In ``bench/upward.py`` that lowered the submit→ack p99 at 1,200
