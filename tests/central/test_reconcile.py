@@ -14,7 +14,7 @@ import pytest
 from aio_pika.abc import AbstractExchange, AbstractIncomingMessage
 
 from central.conftest import Enroll, new_id
-from central.tills import Till, documents_rows_read, state_settled, store_seqs
+from central.tills import Till, documents_rows_read, pack, state_settled, store_seqs
 from tillsync_central.reconcile import MAX_GAPS_PER_REGISTER, Difference, PassResult, reconcile_pass
 from tillsync_central.runner import IngestService
 from tillsync_central.settings import CentralSettings
@@ -172,6 +172,44 @@ async def test_holes_are_asked_for_after_the_grace_with_backoff_and_closed_when_
         )
         == 10
     )
+
+
+async def test_a_hole_central_refused_itself_is_kept_but_not_asked_for(
+    enroll: Enroll, ingest: IngestService, pool: asyncpg.Pool, exchange: AbstractExchange
+) -> None:
+    """Seq 3 is refused by ingest (dead-lettered, the rejection sent back): the register
+    holds it as rejected and would resend nothing, so its hole is kept but not asked for;
+    seq 5, never received, is."""
+    till = RecordingTill(await enroll())
+    async with till:
+        broken = till.document(3)
+        broken["body"]["total"] = "twelve"  # wrong_type: refused, attributable to seq 3
+        await till.publish_documents([till.document(s) for s in (1, 2)])
+        await till.publish(pack(broken), message_id=broken["doc_id"])
+        await till.publish_documents([till.document(s) for s in (4, 6)])
+        await till.wait_for([1, 2, 3, 4, 6])
+        assert till.acks.rejected[3].code == "wrong_type"
+
+        result = await _pass(pool, exchange, grace=0)
+        assert result.holes_open == 2
+        assert [(r.from_seq, r.to_seq) for r in result.requests] == [(5, 5)]
+        received = await till.wait_requests(1)
+        assert [(r.from_seq, r.to_seq) for r in received] == [(5, 5)]
+        # Nor later: the backoff has nothing to do with it.
+        await asyncio.sleep(0.1)
+        assert [
+            (r.from_seq, r.to_seq) for r in (await _pass(pool, exchange, grace=0)).requests
+        ] == [(5, 5)]
+    holes = await pool.fetch(
+        "SELECT from_seq, requests, resolved_at IS NULL AS open FROM seq_holes"
+        " WHERE register_id = $1 ORDER BY from_seq",
+        till.register_id,
+    )
+    assert [tuple(h) for h in holes] == [(3, 0, True), (5, 2, True)]
+    letters = await pool.fetch(
+        "SELECT source, seq, code FROM dead_letters WHERE register_id = $1", till.register_id
+    )
+    assert [tuple(r) for r in letters] == [("ingest", 3, "wrong_type")]
 
 
 async def test_a_pass_moves_last_seq_with_contiguous_seq_when_the_state_lags(

@@ -12,7 +12,8 @@ Every ``reconcile_interval_s`` one pass, in one transaction that takes an adviso
    younger than ``reconcile_hole_grace_s`` is left alone: two ingest workers commit
    batches out of order and most holes close within milliseconds.
    An older one gets a ``resend_request`` (key ``reg.<register>.resend``), repeated with
-   the shared capped backoff while it stays open. A filled hole is marked resolved.
+   the shared capped backoff while it stays open, unless central refused every seq of it
+   itself (the register holds those as rejected). A filled hole is marked resolved.
    Central cannot see missing documents at the *end* of a register's seqs; the register's
    own ack timeout resends those.
 2. **Shifts.** Each closed shift (a stored Z-report) is checked once every seq of its
@@ -137,12 +138,19 @@ WHERE h.resolved_at IS NULL AND st.register_id = h.register_id
 RETURNING h.register_id, h.from_seq, h.to_seq, h.requests
 """
 
+# Not due: a hole every seq of which central refused itself (an ingest dead letter with
+# that register and seq). The register was sent the rejection and holds those rows as
+# rejected, so a request would bring nothing back, every hour for ever; the hole stays
+# open, to be filled by replaying the dead letters or closed by an operator's decision.
 _DUE = """
-SELECT id, register_id, from_seq, to_seq, requests FROM seq_holes
+SELECT id, register_id, from_seq, to_seq, requests FROM seq_holes h
 WHERE resolved_at IS NULL
   AND detected_at <= now() - make_interval(secs => $1)
   AND (last_requested_at IS NULL
        OR last_requested_at <= now() - make_interval(secs => least($2, $1 * 2 ^ requests)))
+  AND (SELECT count(DISTINCT d.seq) FROM dead_letters d
+       WHERE d.register_id = h.register_id AND d.seq BETWEEN h.from_seq AND h.to_seq
+         AND d.source = 'ingest') < h.to_seq - h.from_seq + 1
 ORDER BY detected_at
 LIMIT 1000
 """
