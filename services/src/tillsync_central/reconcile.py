@@ -141,7 +141,7 @@ RETURNING h.register_id, h.from_seq, h.to_seq, h.requests
 # Not due: a hole every seq of which central refused itself (an ingest dead letter with
 # that register and seq). The register was sent the rejection and holds those rows as
 # rejected, so a request would bring nothing back, every hour for ever; the hole stays
-# open, to be filled by replaying the dead letters or closed by an operator's decision.
+# open, to be filled by replaying the dead letters.
 _DUE = """
 SELECT id, register_id, from_seq, to_seq, requests FROM seq_holes h
 WHERE resolved_at IS NULL
