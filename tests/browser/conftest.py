@@ -79,15 +79,11 @@ def central_env() -> dict[str, str]:
 
 
 @pytest.fixture
-async def dashboard(central: Central) -> AsyncIterator[Dashboard]:
-    """A running ``tillsync-central run`` (workers and dashboard) with one administrator;
-    the registers' broker users it enrolled are deleted afterwards."""
+async def dashboard(central: Central) -> Dashboard:
+    """A running ``tillsync-central run`` (workers and dashboard) with one administrator
+    (the ``central`` fixture deletes the registers' broker users afterwards)."""
     await _add_operator(central)
-    try:
-        yield Dashboard(central, f"http://127.0.0.1:{central.extra_env['TILLSYNC_ADMIN_PORT']}")
-    finally:
-        for enrollment in central.enrollments.values():
-            await central.management.delete_user(enrollment.broker_user)
+    return Dashboard(central, f"http://127.0.0.1:{central.extra_env['TILLSYNC_ADMIN_PORT']}")
 
 
 async def _add_operator(central: Central) -> None:

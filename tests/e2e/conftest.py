@@ -124,6 +124,12 @@ class Central:
         self.process.kill()
         raise AssertionError("tillsync-central did not stop within 30 s of SIGTERM")
 
+    async def delete_broker_users(self) -> None:
+        """Broker users are not per vhost: the registers' users go with the test, or every
+        run would leave its fixed-name ones (``reg-r-hole``…) on the broker."""
+        for enrollment in self.enrollments.values():
+            await self.management.delete_user(enrollment.broker_user)
+
     async def provision(self, center_id: str, register_id: str) -> Enrollment:
         enrollment = await add_register(
             self.pool, self.management, self.amqp_url, center_id, register_id
@@ -191,10 +197,7 @@ async def central(
         yield instance
     finally:
         await instance.stop()
-        # Broker users are not per vhost: the registers' users go with the test, or every
-        # run would leave its fixed-name ones (`reg-r-hole`…) on the broker.
-        for enrollment in instance.enrollments.values():
-            await management.delete_user(enrollment.broker_user)
+        await instance.delete_broker_users()
         await management.aclose()
         await pool.close()
         await make_database.drop(database_url)

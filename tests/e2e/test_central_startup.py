@@ -67,6 +67,7 @@ async def central_behind_proxies(
             yield central, db_proxy, amqp_proxy
         finally:
             central.kill()
+            await central.delete_broker_users()
             await management.aclose()
             await pool.close()
 
