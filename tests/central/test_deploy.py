@@ -70,6 +70,32 @@ def test_agent_unit_owns_its_state_directory() -> None:
     assert "TILLSYNC_DATA_DIR=/var/lib/tillsync-agent" in unit["Environment"]
 
 
+def test_agent_unit_lets_the_sqlite_thread_take_sched_batch() -> None:
+    """The units deny ``@resources``; the agent's allows ``sched_setscheduler`` back after
+    that (an assignment adds to or takes from the list in order), or its SQLite thread's
+    ``SCHED_BATCH`` would fail with EPERM under the unit; realtime policies stay refused."""
+    unit = unit_settings(DEPLOY / "systemd" / "tillsync-agent.service")
+    filters = [value.split() for value in unit["SystemCallFilter"]]
+    denied = next(i for i, names in enumerate(filters) if "@resources" in names)
+    assert filters[denied][0].startswith("~")
+    assert ["sched_setscheduler"] in filters[denied + 1 :]
+    assert unit["RestrictRealtime"] == ["yes"]
+    assert unit["SystemCallErrorNumber"] == ["EPERM"]
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_sched_setscheduler_is_one_of_the_resources_calls_the_units_deny() -> None:
+    """Why the agent's unit needs the line: systemd's own list of ``@resources``."""
+    listed = subprocess.run(
+        ["systemd-analyze", "syscall-filter", "@resources"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert "sched_setscheduler" in listed
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
 def test_systemd_analyze_verifies_the_units(tmp_path: Path) -> None:
     for name in UNITS:
