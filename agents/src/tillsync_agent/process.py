@@ -74,6 +74,7 @@ def no_wakeup_preemption() -> bool:
         # pid 0: the calling thread, not the whole process (Linux schedules threads).
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError as exc:
-        log.debug("thread scheduling policy not changed", error=repr(exc))
+        # Said once per start: a unit or container that forbids it costs latency under load.
+        log.info("SQLite thread keeps the default scheduling policy", error=repr(exc))
         return False
     return True
