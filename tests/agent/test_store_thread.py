@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from tillsync_agent.store import Store
 
@@ -32,3 +33,23 @@ async def test_the_sqlite_thread_is_sched_batch_and_the_loop_is_not(tmp_path: Pa
         assert os.sched_getscheduler(0) == loop_policy != os.SCHED_BATCH
         # Through the store's write path too: it is the same one thread.
         assert await store.write_in_thread(_policy) == (thread_id, os.SCHED_BATCH)
+
+
+async def test_a_refused_policy_is_said_once_and_the_store_works(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As under a seccomp filter that denies ``sched_setscheduler`` (EPERM)."""
+
+    def refused(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refused)
+    with structlog.testing.capture_logs() as logs:
+        async with Store(tmp_path / "agent.db") as store:
+            _, policy = await store.in_thread(_policy)
+            await store.write_in_thread(lambda db: db.execute("CREATE TABLE t (x)"))
+    assert policy != os.SCHED_BATCH
+    said = [e for e in logs if e["event"] == "SQLite thread keeps the default scheduling policy"]
+    assert len(said) == 1
+    assert said[0]["log_level"] == "info"
+    assert "Operation not permitted" in said[0]["error"]
