@@ -65,6 +65,7 @@ from tillsync_agent.store import open_readonly
 from tillsync_central.management import Management
 from tillsync_central.provisioning import Enrollment, add_register
 from tillsync_protocol import topology
+from upward_floor import floor
 
 CENTER_ID = "bench"
 DRAIN_TIMEOUT_S = 60.0
@@ -771,6 +772,7 @@ class Options:
     profile_dir: Path | None
     json_only: bool
     agent_processes: bool = False
+    floor: bool = True
 
 
 async def run_tillsync(
@@ -864,8 +866,12 @@ async def run(options: Options, services: Services) -> dict[str, Any]:
                 results["half_load"]["target_rate_per_s"],
                 options.half_load_s,
             )
+            under = None
+            if options.floor:
+                rate = results["half_load"]["target_rate_per_s"]
+                under = await floor(box, rate, options.half_load_s, options.registers)
     info["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    return report(options, info, results, raw)
+    return report(options, info, results, raw, under)
 
 
 async def _profiled(options: Options, work: Any) -> dict[str, Any]:
@@ -885,7 +891,11 @@ async def _profiled(options: Options, work: Any) -> dict[str, Any]:
 
 
 def report(
-    options: Options, info: dict[str, Any], results: dict[str, Any], raw: dict[str, Any]
+    options: Options,
+    info: dict[str, Any],
+    results: dict[str, Any],
+    raw: dict[str, Any],
+    under: dict[str, Any] | None,
 ) -> dict[str, Any]:
     tillsync, half = results["tillsync"], results["half_load"]
     ratio = tillsync["docs_per_s"] / raw["docs_per_s"] if raw["docs_per_s"] else None
@@ -900,6 +910,7 @@ def report(
         "baseline": raw,
         "ratio_throughput": None if ratio is None else round(ratio, 3),
         "half_load": half,
+        "floor": under,
         "stored": check["stored"],
         "duplicates": check["duplicates"],
         "invariant": check,
@@ -923,6 +934,13 @@ def report(
                     raw["half_load"]["publish_to_commit"]["p50_ms"],
                     raw["half_load"]["publish_to_commit"]["p99_ms"],
                 ],
+                # The raw pipeline with the register's outbox and acks (bench/upward_floor.py).
+                "floor_at_the_same_rate_p50_p99_ms": None
+                if under is None
+                else [under["submit_to_ack"]["p50_ms"], under["submit_to_ack"]["p99_ms"]],
+                "p99_over_floor": None
+                if under is None or not half_p99 or not under["submit_to_ack"]["p99_ms"]
+                else round(half_p99 / under["submit_to_ack"]["p99_ms"], 2),
             },
         },
         "config": {
@@ -980,6 +998,13 @@ def parse(argv: Sequence[str] | None = None) -> Options:
         action="store_true",
         help="run each register's agent in a child process of its own (bench/_agent_child.py), "
         "as registers run in production; default: all agents in this process",
+    )
+    parser.add_argument(
+        "--no-floor",
+        action="store_false",
+        dest="floor",
+        help="skip the floor: the raw pipeline with the register's outbox and acks at the "
+        "half-load rate (bench/upward_floor.py)",
     )
     parser.add_argument("--json-only", action="store_true", help="no progress on stderr")
     args = parser.parse_args(argv)
