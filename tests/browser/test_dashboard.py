@@ -14,6 +14,7 @@ from playwright.async_api import BrowserContext, Page, expect
 
 from e2e.conftest import agent_settings, running_agent, wait_for
 from faults.proxy import FaultProxy
+from register_ids import reg
 from tillsync_agent.simulator import Till
 
 from .conftest import Dashboard, log_in, screenshot
@@ -33,11 +34,12 @@ async def test_log_in_and_see_a_register_go_offline_with_its_pending_count_risen
     dashboard: Dashboard, context: BrowserContext, tmp_path: Path
 ) -> None:
     central = dashboard.central
-    enrollment = await central.provision("praha-1", "till-1")
+    enrollment = await central.provision("praha-1", reg("till-1"))
+    register = enrollment.register_id
     page = await context.new_page()
     await log_in(page)
     await expect(page.get_by_test_id("whoami")).to_contain_text("administrator")
-    row = page.get_by_test_id("register-till-1")
+    row = page.get_by_test_id(f"register-{register}")
     await expect(row).to_have_attribute("data-state", "never_seen")
 
     async with FaultProxy("127.0.0.1", 5672) as proxy:
@@ -57,7 +59,7 @@ async def test_log_in_and_see_a_register_go_offline_with_its_pending_count_risen
             await lock.start()
             await holder.execute("LOCK TABLE documents IN EXCLUSIVE MODE")
             try:
-                till = Till("till-1")
+                till = Till(register)
                 for _ in range(5):
                     await agent.submit(*till.next_document())
                 assert agent.outbox.counts.pending == 5
@@ -73,9 +75,9 @@ async def test_log_in_and_see_a_register_go_offline_with_its_pending_count_risen
             proxy.heal()
             await expect(row).to_have_attribute("data-state", "online", timeout=TIMEOUT_MS)
             await expect(row.get_by_test_id("pending")).to_have_text("0", timeout=TIMEOUT_MS)
-    assert await central.stored("till-1") == 5
+    assert await central.stored(register) == 5
 
-    await page.goto("/syncs?register=till-1")
+    await page.goto(f"/syncs?register={register}")
     await expect(page.get_by_test_id("sync-row").first).to_be_visible(timeout=TIMEOUT_MS)
     await screenshot(page, "syncs")
 
@@ -90,7 +92,8 @@ async def test_a_new_receipt_appears_live_with_a_notification(
     dashboard: Dashboard, context: BrowserContext, tmp_path: Path
 ) -> None:
     central = dashboard.central
-    enrollment = await central.provision("brno-1", "till-2")
+    enrollment = await central.provision("brno-1", reg("till-2"))
+    register = enrollment.register_id
     page = await context.new_page()
     await page.add_init_script(FAKE_NOTIFICATION)
     await log_in(page)
@@ -99,21 +102,21 @@ async def test_a_new_receipt_appears_live_with_a_notification(
     await page.wait_for_timeout(1500)  # the feed's first poll sets its starting point
     settings = agent_settings(enrollment, tmp_path / "till-2", heartbeat_interval_s=1.0)
     async with running_agent(settings) as agent:
-        till = Till("till-2", receipts_per_shift=2)
+        till = Till(register, receipts_per_shift=2)
         for _ in range(4):  # the shift opens, two receipts, the shift closes (Z-report)
             await agent.submit(*till.next_document())
-        receipt = page.locator('[data-testid="event-document"][data-key="till-2/2"]')
+        receipt = page.locator(f'[data-testid="event-document"][data-key="{register}/2"]')
         await expect(receipt).to_be_visible(timeout=TIMEOUT_MS)
-        await expect(receipt).to_contain_text("receipt till-2 #2")
+        await expect(receipt).to_contain_text(f"receipt {register} #2")
         await wait_for(lambda: _stored(central, 4), timeout=30, what="the shift stored")
     notes = await page.evaluate("window.__notifications")
-    assert any("receipt till-2 #2" in note for note in notes), notes
+    assert any(f"receipt {register} #2" in note for note in notes), notes
     await screenshot(page, "live")
 
-    await page.goto("/documents?register=till-2")
-    await expect(page.get_by_test_id("document-till-2-2")).to_be_visible()
-    await expect(page.get_by_test_id("receipt-days")).to_contain_text("till-2")
-    zreport = page.get_by_test_id("zreport-till-2-1")
+    await page.goto(f"/documents?register={register}")
+    await expect(page.get_by_test_id(f"document-{register}-2")).to_be_visible()
+    await expect(page.get_by_test_id("receipt-days")).to_contain_text(register)
+    zreport = page.get_by_test_id(f"zreport-{register}-1")
     await expect(zreport).to_contain_text("2 / 2")
     for _ in range(30):  # the reconciler checks closed shifts every second here
         if (await zreport.get_by_test_id("reconciliation").inner_text()).strip() == "ok":
@@ -122,7 +125,7 @@ async def test_a_new_receipt_appears_live_with_a_notification(
         await page.reload()
     await expect(zreport.get_by_test_id("reconciliation")).to_have_text("ok")
     await screenshot(page, "documents")
-    await page.get_by_test_id("document-till-2-2").get_by_role("link").click()
+    await page.get_by_test_id(f"document-{register}-2").get_by_role("link").click()
     decoded = json.loads(await page.get_by_test_id("document-decoded").inner_text())
     assert decoded["type"] == "receipt"
     assert decoded["seq"] == 2
@@ -138,23 +141,24 @@ async def test_replay_a_dead_letter_after_the_fix(
     dashboard: Dashboard, context: BrowserContext, tmp_path: Path
 ) -> None:
     central = dashboard.central
-    enrollment = await central.provision("ostrava-1", "till-3")
+    enrollment = await central.provision("ostrava-1", reg("till-3"))
+    register = enrollment.register_id
     # A mistake at central: the register is moved to a center it is not in.
     await central.pool.execute("INSERT INTO centers (center_id, name) VALUES ('wrong', 'Wrong')")
     await central.pool.execute(
-        "UPDATE registers SET center_id = 'wrong' WHERE register_id = 'till-3'"
+        "UPDATE registers SET center_id = 'wrong' WHERE register_id = $1", register
     )
     settings = agent_settings(enrollment, tmp_path / "till-3", heartbeat_interval_s=3600.0)
     async with running_agent(settings) as agent:
-        await agent.submit(*Till("till-3").next_document())
+        await agent.submit(*Till(register).next_document())
         await wait_for(
             lambda: _letters(central.pool), timeout=30, what="the document to be dead-lettered"
         )
     letter_id = await central.pool.fetchval(
-        "SELECT id FROM dead_letters WHERE source = 'ingest' AND register_id = 'till-3'"
+        "SELECT id FROM dead_letters WHERE source = 'ingest' AND register_id = $1", register
     )
     await central.pool.execute(  # the fix
-        "UPDATE registers SET center_id = 'ostrava-1' WHERE register_id = 'till-3'"
+        "UPDATE registers SET center_id = 'ostrava-1' WHERE register_id = $1", register
     )
 
     page = await context.new_page()
@@ -173,7 +177,7 @@ async def test_replay_a_dead_letter_after_the_fix(
     await expect(page.get_by_test_id("dead-letter-status")).to_have_text(
         "replayed", timeout=TIMEOUT_MS
     )
-    assert await central.stored("till-3") == 1
+    assert await central.stored(register) == 1
     audit = await central.pool.fetchrow(
         "SELECT username, action FROM audit_log WHERE action = 'dead_letter.replay'"
     )
@@ -197,7 +201,8 @@ async def test_a_price_changed_in_the_catalog_page_reaches_the_replica_and_a_rei
     dashboard: Dashboard, context: BrowserContext, tmp_path: Path
 ) -> None:
     central = dashboard.central
-    enrollment = await central.provision("plzen-1", "till-4")
+    enrollment = await central.provision("plzen-1", reg("till-4"))
+    register = enrollment.register_id
     settings = agent_settings(enrollment, tmp_path / "till-4", heartbeat_interval_s=1.0)
     page = await context.new_page()
     await log_in(page)
@@ -222,13 +227,15 @@ async def test_a_price_changed_in_the_catalog_page_reaches_the_replica_and_a_rei
         )
         await wait_for(lambda: _price(agent, 475), timeout=30, what="the new price on the register")
 
-        await page.get_by_test_id("reinit-register").fill("till-4")
+        await page.get_by_test_id("reinit-register").fill(register)
         await page.get_by_test_id("reinit-mode").select_option("replace")
         await page.get_by_test_id("reinit-send").click()
         await expect(page.get_by_test_id("reinit-status")).to_contain_text(
             "completed on 1/1", timeout=60_000
         )
-        await expect(page.get_by_test_id("reinit-status")).to_contain_text("till-4: successful")
+        await expect(page.get_by_test_id("reinit-status")).to_contain_text(
+            f"{register}: successful"
+        )
         await _wait_price(agent, 475)
         await screenshot(page, "catalog")
 

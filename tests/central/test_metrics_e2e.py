@@ -28,6 +28,7 @@ from e2e.conftest import (
     running_agent,
     wait_for,
 )
+from register_ids import reg
 from services import Services
 from tillsync_agent import Agent
 
@@ -80,9 +81,9 @@ async def sell(agent: Agent, n: int) -> None:
 
 
 async def test_counters_and_gauges_match_both_ends(central: Central, tmp_path: Path) -> None:
-    a = await central.provision("c-1", "r-1")
-    b = await central.provision("c-2", "r-2")
-    await central.provision("c-1", "r-never")
+    a = await central.provision("c-1", reg("r-1"))
+    b = await central.provision("c-2", reg("r-2"))
+    await central.provision("c-1", reg("r-never"))
 
     start = await until_scrape(
         central, "the relay to be active", lambda s: s.value("tillsync_relay_active") == 1

@@ -126,7 +126,8 @@ class Central:
 
     async def delete_broker_users(self) -> None:
         """Broker users are not per vhost: the registers' users go with the test, or every
-        run would leave its fixed-name ones (``reg-r-hole``…) on the broker."""
+        run would leave its ones (``reg-r-hole-<run>``…) on the broker. (Tests name their
+        registers with ``register_ids.reg``, so that sessions never share one.)"""
         for enrollment in self.enrollments.values():
             await self.management.delete_user(enrollment.broker_user)
 
@@ -180,27 +181,29 @@ async def central(
     central_env: dict[str, str],
 ) -> AsyncIterator[Central]:
     database_url = await make_database()  # empty: `tillsync-central run` migrates it
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    management = Management(services.rabbitmq_api_url, vhost_of(fresh_vhost))
-    instance = Central(
-        amqp_url=fresh_vhost,
-        database_url=database_url,
-        api_url=services.rabbitmq_api_url,
-        api=rabbitmq_api,
-        log_path=tmp_path / "central.log",
-        pool=pool,
-        management=management,
-        extra_env=central_env,
-    )
-    try:
+    # Every step of the clean-up runs, last pushed first, even when one before it raises
+    # (stop() fails a slow stop): the registers' broker users are global and must not
+    # outlive the test. No error is swallowed: a later one carries the earlier as context.
+    async with contextlib.AsyncExitStack() as cleanup:
+        cleanup.push_async_callback(make_database.drop, database_url)
+        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+        cleanup.push_async_callback(pool.close)
+        management = Management(services.rabbitmq_api_url, vhost_of(fresh_vhost))
+        cleanup.push_async_callback(management.aclose)
+        instance = Central(
+            amqp_url=fresh_vhost,
+            database_url=database_url,
+            api_url=services.rabbitmq_api_url,
+            api=rabbitmq_api,
+            log_path=tmp_path / "central.log",
+            pool=pool,
+            management=management,
+            extra_env=central_env,
+        )
+        cleanup.push_async_callback(instance.delete_broker_users)
+        cleanup.push_async_callback(instance.stop)
         await instance.start()
         yield instance
-    finally:
-        await instance.stop()
-        await instance.delete_broker_users()
-        await management.aclose()
-        await pool.close()
-        await make_database.drop(database_url)
 
 
 def agent_env(**settings: object) -> dict[str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from agent.documents import receipt
 from e2e.conftest import BIN, Central, agent_env, agent_settings, wait_for, write_agent_config
 from faults import FaultProxy
+from register_ids import reg
 
 
 async def cli(config: Path, *args: str, stdin: bytes | None = None) -> tuple[int, str, str]:
@@ -71,7 +72,7 @@ def documents(n: int, start: int) -> bytes:
 async def test_sigkill_while_publishing_then_restart_loses_and_doubles_nothing(
     central: Central, tmp_path: Path
 ) -> None:
-    enrollment = await central.provision("c-1", "r-kill")
+    enrollment = await central.provision("c-1", reg("r-kill"))
     async with FaultProxy("127.0.0.1", 5672) as proxy:
         settings = agent_settings(
             enrollment, tmp_path / "data", amqp_url=proxy.url_for(enrollment.amqp_url)
@@ -113,14 +114,14 @@ async def test_sigkill_while_publishing_then_restart_loses_and_doubles_nothing(
         assert await asyncio.wait_for(agent.wait(), timeout=30) == 0
         final = await status(config)
         assert (final["pending"], final["acknowledged"], final["rejected"]) == (0, submitted, 0)
-        assert await central.seqs("r-kill") == list(range(1, submitted + 1))
+        assert await central.seqs(enrollment.register_id) == list(range(1, submitted + 1))
         assert "agent stopped" in log.read_text()
 
 
 async def test_submit_reports_bad_lines_and_keeps_the_good_ones(
     central: Central, tmp_path: Path
 ) -> None:
-    enrollment = await central.provision("c-1", "r-cli")
+    enrollment = await central.provision("c-1", reg("r-cli"))
     config = write_agent_config(
         agent_settings(enrollment, tmp_path / "data"), tmp_path / "agent.toml"
     )
@@ -150,4 +151,4 @@ async def test_submit_reports_bad_lines_and_keeps_the_good_ones(
     finally:
         agent.send_signal(signal.SIGTERM)
         await asyncio.wait_for(agent.wait(), timeout=30)
-    assert await central.seqs("r-cli") == [1, 2]
+    assert await central.seqs(enrollment.register_id) == [1, 2]

@@ -24,6 +24,7 @@ import httpx
 from agent.documents import receipt
 from e2e.conftest import BIN, Central, agent_env, wait_for
 from faults.proxy import FaultProxy
+from register_ids import reg
 from tillsync_central.catalog import CatalogEditor
 
 FAST = {
@@ -146,7 +147,7 @@ async def events(till: Till) -> AsyncIterator[AsyncIterator[tuple[str, dict[str,
 async def test_an_enrolled_register_sells_through_its_api_while_the_link_comes_and_goes(
     central: Central, tmp_path: Path
 ) -> None:
-    enrollment = await central.provision("c-1", "r-svc")
+    enrollment = await central.provision("c-1", reg("r-svc"))
     bundle = tmp_path / "bundle.toml"
     bundle.write_text(enrollment.agent_config())
     config, data = tmp_path / "etc" / "agent.toml", tmp_path / "data"
@@ -158,7 +159,7 @@ async def test_an_enrolled_register_sells_through_its_api_while_the_link_comes_a
         "--api-port", str(port),
     )  # fmt: skip
     assert code == 0, err
-    assert "enrolled register r-svc of center c-1" in out
+    assert f"enrolled register {enrollment.register_id} of center c-1" in out
     assert enrollment.password not in out + err
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
     code, token, err = await cli("api-token", "--config", str(config))
@@ -169,7 +170,7 @@ async def test_an_enrolled_register_sells_through_its_api_while_the_link_comes_a
     assert token not in out
     # Another register's bundle does not replace this one.
     other = tmp_path / "other.toml"
-    other.write_text(enrollment.agent_config().replace("r-svc", "r-other"))
+    other.write_text(enrollment.agent_config().replace(enrollment.register_id, reg("r-other")))
     code, _, err = await cli("enroll", str(other), "--config", str(config))
     assert code == 2
     assert "already_enrolled" in err
@@ -295,7 +296,7 @@ async def test_an_enrolled_register_sells_through_its_api_while_the_link_comes_a
             assert await till.stop() == 0
 
     assert sold == list(range(1, len(sold) + 1))
-    assert await central.seqs("r-svc") == sold
+    assert await central.seqs(enrollment.register_id) == sold
     log = till.log.read_text()
     assert "agent stopped" in log
     assert enrollment.password not in log

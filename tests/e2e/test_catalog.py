@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import signal
 import subprocess
 from pathlib import Path
@@ -44,17 +43,11 @@ from e2e.catalog_helpers import (
 from e2e.conftest import BIN, Central, wait_for, write_agent_config
 from e2e.test_agent_process import cli, start_agent
 from faults import FaultProxy
+from register_ids import reg
 from tillsync_protocol import CUSTOMER_ENTITIES, topology
 
 CENTER = "c-1"
 OTHER = "c-2"
-RUN = secrets.token_hex(3)
-
-
-def reg(name: str) -> str:
-    """A register id of this run: broker users are not per vhost, and two test sessions
-    on one broker must not take over each other's registers."""
-    return f"{name}-{RUN}"
 
 
 @pytest.fixture

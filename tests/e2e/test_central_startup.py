@@ -19,6 +19,7 @@ import asyncpg
 from agent.documents import receipt
 from e2e.conftest import BIN, Central, agent_settings, running_agent, wait_for
 from faults import FaultProxy
+from register_ids import reg
 from services import RabbitApi, Services
 from tillsync_central.management import Management, vhost_of
 
@@ -40,22 +41,28 @@ async def central_behind_proxies(
     ):
         db_proxy.cut()
         amqp_proxy.cut()
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-        management = Management(services.rabbitmq_api_url, vhost_of(amqp_url))
-        central = Central(
-            amqp_url=amqp_url,
-            database_url=database_url,
-            api_url=services.rabbitmq_api_url,
-            api=rabbitmq_api,
-            log_path=tmp_path / "central.log",
-            pool=pool,
-            management=management,
-            extra_env={
-                "TILLSYNC_AMQP_URL": amqp_proxy.url_for(amqp_url),
-                "TILLSYNC_DATABASE_URL": db_proxy.url_for(database_url),
-            },
-        )
-        try:
+        # Every step of the clean-up runs, last pushed first, even when one before it
+        # raises (kill() times out): the registers' broker users must not outlive the test.
+        async with contextlib.AsyncExitStack() as cleanup:
+            pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+            cleanup.push_async_callback(pool.close)
+            management = Management(services.rabbitmq_api_url, vhost_of(amqp_url))
+            cleanup.push_async_callback(management.aclose)
+            central = Central(
+                amqp_url=amqp_url,
+                database_url=database_url,
+                api_url=services.rabbitmq_api_url,
+                api=rabbitmq_api,
+                log_path=tmp_path / "central.log",
+                pool=pool,
+                management=management,
+                extra_env={
+                    "TILLSYNC_AMQP_URL": amqp_proxy.url_for(amqp_url),
+                    "TILLSYNC_DATABASE_URL": db_proxy.url_for(database_url),
+                },
+            )
+            cleanup.push_async_callback(central.delete_broker_users)
+            cleanup.callback(central.kill)
             with central.log_path.open("ab") as log:
                 central.process = await asyncio.to_thread(
                     subprocess.Popen,
@@ -65,11 +72,6 @@ async def central_behind_proxies(
                     stderr=log,
                 )
             yield central, db_proxy, amqp_proxy
-        finally:
-            central.kill()
-            await central.delete_broker_users()
-            await management.aclose()
-            await pool.close()
 
 
 def _lines(central: Central, event: str) -> int:
@@ -104,7 +106,7 @@ async def test_central_waits_for_postgresql_then_rabbitmq_then_ingests(
         amqp_proxy.heal()
         await wait_for(central._consuming, timeout=60, what="central's ingest workers to consume")
 
-        enrollment = await central.provision("c-1", "r-up")
+        enrollment = await central.provision("c-1", reg("r-up"))
         async with running_agent(agent_settings(enrollment, tmp_path / "agent")) as agent:
             for i in range(20):
                 await agent.submit("receipt", receipt(100 + i, receipt_no=f"R-{i}"))
@@ -113,7 +115,7 @@ async def test_central_waits_for_postgresql_then_rabbitmq_then_ingests(
                 return agent.outbox.counts.pending == 0
 
             await wait_for(drained, timeout=60, what="the register to drain")
-        assert await central.seqs("r-up") == list(range(1, 21))
+        assert await central.seqs(enrollment.register_id) == list(range(1, 21))
         assert await central.stop() == 0
     log = central.log_path.read_text(errors="replace")
     assert "Traceback" not in log

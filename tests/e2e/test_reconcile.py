@@ -10,6 +10,7 @@ import pytest
 
 from e2e.conftest import Central, agent_settings, running_agent, wait_for
 from e2e.test_upward import assert_converged, submit_receipts
+from register_ids import reg
 from tillsync_agent import Agent
 from tillsync_protocol import decode, topology
 
@@ -52,7 +53,7 @@ async def _drop_from_ingest_queue(amqp_url: str, seq: int, expected: int) -> str
 
 
 async def test_a_lost_document_is_asked_for_and_resent(central: Central, tmp_path) -> None:
-    enrollment = await central.provision("c-1", "r-hole")
+    enrollment = await central.provision("c-1", reg("r-hole"))
     # The agent would resend on its own only after ten minutes; one message a document, so
     # one of them can be lost alone.
     settings = agent_settings(enrollment, tmp_path, ack_timeout_s=600.0, publish_batch_max=1)
@@ -78,7 +79,8 @@ async def test_a_lost_document_is_asked_for_and_resent(central: Central, tmp_pat
     assert (holes[0]["from_seq"], holes[0]["to_seq"]) == (7, 7)
     assert holes[0]["requests"] >= 1
     stored = await central.pool.fetchval(
-        "SELECT doc_id::text FROM documents WHERE register_id = 'r-hole' AND seq = 7"
+        "SELECT doc_id::text FROM documents WHERE register_id = $1 AND seq = 7",
+        enrollment.register_id,
     )
     assert stored == doc_id  # the very document the register stored, resent
     assert "resend requested" in central.log_path.read_text(errors="replace")

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from e2e.conftest import BIN, Central, agent_settings, write_agent_config
+from register_ids import reg
 
 
 class FakeSystemd:
@@ -71,7 +72,7 @@ def watchdog_env(address: str) -> dict[str, str]:
 async def test_agent_run_tells_systemd_ready_watchdog_and_stopping(
     central: Central, tmp_path: Path
 ) -> None:
-    enrollment = await central.provision("c-1", "r-systemd")
+    enrollment = await central.provision("c-1", reg("r-systemd"))
     settings = agent_settings(enrollment, tmp_path / "data")
     config = write_agent_config(settings, tmp_path / "agent.toml")
     log = tmp_path / "agent.log"
@@ -115,7 +116,7 @@ async def test_agent_run_tells_systemd_ready_watchdog_and_stopping(
 async def test_agent_watchdog_for_another_pid_is_not_ours(central: Central, tmp_path: Path) -> None:
     """``WATCHDOG_PID`` names the process the watchdog is meant for: a child (or a wrapper
     script's child) that is not it sends READY but no pings."""
-    enrollment = await central.provision("c-1", "r-systemd-pid")
+    enrollment = await central.provision("c-1", reg("r-systemd-pid"))
     config = write_agent_config(
         agent_settings(enrollment, tmp_path / "data"), tmp_path / "agent.toml"
     )

@@ -15,6 +15,7 @@ import pytest
 from agent.documents import receipt, shift_close
 from e2e.conftest import Central, agent_settings, running_agent, wait_for
 from faults import FaultProxy
+from register_ids import reg
 from tillsync_agent import Agent
 from tillsync_agent.store import open_readonly
 
@@ -39,8 +40,8 @@ async def assert_converged(central: Central, agent: Agent, *, timeout: float = 6
 
 
 async def test_two_registers_happy_path(central: Central, tmp_path) -> None:
-    a = await central.provision("c-1", "r-1")
-    b = await central.provision("c-2", "r-2")
+    a = await central.provision("c-1", reg("r-1"))
+    b = await central.provision("c-2", reg("r-2"))
     async with (
         running_agent(agent_settings(a, tmp_path / "a")) as agent_a,
         running_agent(agent_settings(b, tmp_path / "b")) as agent_b,
@@ -49,14 +50,16 @@ async def test_two_registers_happy_path(central: Central, tmp_path) -> None:
         await assert_converged(central, agent_a)
         await assert_converged(central, agent_b)
     assert await central.stored() == 500
-    total = await central.pool.fetchval("SELECT sum(total) FROM receipts WHERE register_id = 'r-1'")
+    total = await central.pool.fetchval(
+        "SELECT sum(total) FROM receipts WHERE register_id = $1", a.register_id
+    )
     assert total == sum(100 + i for i in range(300))
 
 
 async def test_offline_for_thousands_then_reconnect_drains_to_zero(
     central: Central, tmp_path
 ) -> None:
-    enrollment = await central.provision("c-1", "r-off")
+    enrollment = await central.provision("c-1", reg("r-off"))
     async with FaultProxy("127.0.0.1", 5672) as proxy:
         proxy.refuse(True)  # the shop's network is down
         settings = agent_settings(enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url))
@@ -64,7 +67,7 @@ async def test_offline_for_thousands_then_reconnect_drains_to_zero(
             await submit_receipts(agent, 3000)
             assert agent.outbox.counts.pending == 3000
             assert not agent.link.state.connected
-            assert await central.stored("r-off") == 0
+            assert await central.stored(enrollment.register_id) == 0
             proxy.refuse(False)
             await assert_converged(central, agent, timeout=120)
     # The backlog went up in document batches (at most publish_batch_max, 50, each).
@@ -76,7 +79,7 @@ async def test_offline_for_thousands_then_reconnect_drains_to_zero(
 async def test_with_publish_batch_max_1_every_document_is_a_message_of_its_own(
     central: Central, tmp_path
 ) -> None:
-    enrollment = await central.provision("c-1", "r-single")
+    enrollment = await central.provision("c-1", reg("r-single"))
     async with FaultProxy("127.0.0.1", 5672) as proxy:
         proxy.refuse(True)  # a backlog, which would otherwise go in batches
         settings = agent_settings(
@@ -93,7 +96,7 @@ async def test_with_publish_batch_max_1_every_document_is_a_message_of_its_own(
 
 
 async def test_link_cut_and_slowed_mid_stream(central: Central, tmp_path) -> None:
-    enrollment = await central.provision("c-1", "r-cut")
+    enrollment = await central.provision("c-1", reg("r-cut"))
     async with FaultProxy("127.0.0.1", 5672) as proxy:
         settings = agent_settings(enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url))
         async with running_agent(settings) as agent:
@@ -114,7 +117,7 @@ async def test_link_cut_and_slowed_mid_stream(central: Central, tmp_path) -> Non
 
 
 async def test_silent_network_times_out_and_recovers(central: Central, tmp_path) -> None:
-    enrollment = await central.provision("c-1", "r-hole")
+    enrollment = await central.provision("c-1", reg("r-hole"))
     async with FaultProxy("127.0.0.1", 5672) as proxy:
         settings = agent_settings(
             enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url), publish_timeout_s=1.0
@@ -138,10 +141,12 @@ async def test_silent_network_times_out_and_recovers(central: Central, tmp_path)
 async def test_broker_stopped_and_started_mid_stream(central: Central, services, tmp_path) -> None:
     if services.rabbitmqctl is None:
         pytest.fail("this test needs rabbitmqctl for the local broker (deploy/dev/services)")
-    enrollment = await central.provision("c-1", "r-stop")
+    enrollment = await central.provision("c-1", reg("r-stop"))
     async with running_agent(agent_settings(enrollment, tmp_path)) as agent:
         await submit_receipts(agent, 300)
-        await wait_for(_stored_some(central, "r-stop"), timeout=30, what="first documents stored")
+        await wait_for(
+            _stored_some(central, enrollment.register_id), timeout=30, what="first documents stored"
+        )
         await rabbitmqctl(services, "stop_app")
         try:
             await submit_receipts(agent, 300)  # the outage: the register keeps selling
@@ -175,7 +180,7 @@ def _stored_some(central: Central, register_id: str):
 async def test_resend_of_unacknowledged_after_ack_loss(central: Central, tmp_path) -> None:
     """Central dies after storing but before its acks land: the agent resends after
     ack_timeout, central deduplicates and acks again — stored once."""
-    enrollment = await central.provision("c-1", "r-ack")
+    enrollment = await central.provision("c-1", reg("r-ack"))
     settings = agent_settings(enrollment, tmp_path, ack_timeout_s=1.0)
     async with running_agent(settings) as agent:
         central.kill()
@@ -199,7 +204,7 @@ async def test_a_shift_close_while_its_receipts_are_in_flight_resends_none(
     """A shift close makes due only the shift's rows never sent or sent longer than the
     ack timeout ago: receipts whose confirms or acks are still on their way (a slow link
     keeps hundreds in flight) are published exactly once."""
-    enrollment = await central.provision("c-1", "r-shift")
+    enrollment = await central.provision("c-1", reg("r-shift"))
     async with FaultProxy("127.0.0.1", 5672) as proxy:
         settings = agent_settings(enrollment, tmp_path, amqp_url=proxy.url_for(enrollment.amqp_url))
         async with running_agent(settings) as agent:
