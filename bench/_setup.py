@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import platform
@@ -417,6 +418,37 @@ async def cancel_on_sigterm(work: Coroutine[Any, Any, dict[str, Any]]) -> dict[s
         return await work
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+def run_and_print(work: Coroutine[Any, Any, dict[str, Any]]) -> int:
+    """A bench's ``main``: run ``work`` (SIGTERM cancels it as Ctrl-C does), print its JSON
+    result on stdout; the exit status."""
+    try:
+        result = asyncio.run(cancel_on_sigterm(work))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("interrupted: the sandbox vhost and database were dropped", file=sys.stderr)
+        return 130
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def documents_table(name: str) -> tuple[str, str]:
+    """``CREATE TABLE`` and batch ``INSERT`` (three arrays: register ids, seqs, payloads)
+    of a raw consumer's table of documents, keyed as central's ``documents`` is."""
+    create = f"""
+CREATE TABLE {name} (
+    register_id text   NOT NULL,
+    seq         bigint NOT NULL,
+    payload     bytea  NOT NULL,
+    PRIMARY KEY (register_id, seq)
+)
+"""
+    insert = f"""
+INSERT INTO {name} (register_id, seq, payload)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
+ON CONFLICT DO NOTHING
+"""
+    return create, insert
 
 
 # -- shared by the downward benches: the probe item, and SQLite as the agent sets it up ---

@@ -70,7 +70,6 @@ from _setup import (
     CpuSample,
     Sandbox,
     Services,
-    cancel_on_sigterm,
     cores_used,
     cpu_sample,
     delete_users,
@@ -81,6 +80,7 @@ from _setup import (
     percentile,
     probe_state,
     progress,
+    run_and_print,
     sandbox,
     services_from_env,
     stop_child,
@@ -1535,13 +1535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shorten_switch_interval()
     if options.gc_freeze:
         gc.set_threshold(*GC_THRESHOLDS)
-    try:
-        result = asyncio.run(cancel_on_sigterm(run(options, services_from_env())))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: the sandbox vhost and database were dropped", file=sys.stderr)
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(run(options, services_from_env()))
 
 
 if __name__ == "__main__":

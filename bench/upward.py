@@ -43,14 +43,15 @@ from _setup import (
     CpuSample,
     Sandbox,
     Services,
-    cancel_on_sigterm,
     cores_used,
     cpu_sample,
     delete_users,
+    documents_table,
     latency_summary,
     machine,
     percentile,
     progress,
+    run_and_print,
     sandbox,
     services_from_env,
     stop_child,
@@ -570,19 +571,7 @@ async def invariant(pool: asyncpg.Pool, last_seqs: dict[str, int]) -> dict[str, 
 # -- phase 3: the raw baseline --------------------------------------------------------------
 
 BASELINE_QUEUE = "bench.baseline"
-BASELINE_TABLE = """
-CREATE TABLE bench_baseline (
-    register_id text   NOT NULL,
-    seq         bigint NOT NULL,
-    payload     bytea  NOT NULL,
-    PRIMARY KEY (register_id, seq)
-)
-"""
-BASELINE_INSERT = """
-INSERT INTO bench_baseline (register_id, seq, payload)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
-ON CONFLICT DO NOTHING
-"""
+BASELINE_TABLE, BASELINE_INSERT = documents_table("bench_baseline")
 
 
 @dataclass
@@ -1023,13 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # (the raw baseline, in the same process, gets the same collector and switch interval).
     tune_gc()
     shorten_switch_interval()
-    try:
-        result = asyncio.run(cancel_on_sigterm(run(options, services_from_env())))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: the sandbox vhost and database were dropped", file=sys.stderr)
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(run(options, services_from_env()))
 
 
 if __name__ == "__main__":

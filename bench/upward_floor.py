@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sqlite3
@@ -55,11 +54,12 @@ import asyncpg
 from _setup import (
     Sandbox,
     Services,
-    cancel_on_sigterm,
     cores_used,
     cpu_sample,
+    documents_table,
     latency_summary,
     progress,
+    run_and_print,
     sandbox,
     services_from_env,
     stop_child,
@@ -77,16 +77,7 @@ OUTBOX = """
 CREATE TABLE outbox (
     seq INTEGER PRIMARY KEY, payload BLOB NOT NULL, state INTEGER NOT NULL DEFAULT 0
 )"""
-TABLE = """
-CREATE TABLE floor_documents (
-    register_id text NOT NULL, seq bigint NOT NULL, payload bytea NOT NULL,
-    PRIMARY KEY (register_id, seq)
-)"""
-INSERT = """
-INSERT INTO floor_documents (register_id, seq, payload)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])
-ON CONFLICT DO NOTHING
-"""
+TABLE, INSERT = documents_table("floor_documents")
 
 
 # -- a register ------------------------------------------------------------------------------
@@ -397,13 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     progress.enabled = not options.json_only
     work = run(services_from_env(), options.rate, options.seconds, options.registers, options.batch)
-    try:
-        result = asyncio.run(cancel_on_sigterm(work))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: the sandbox vhost and database were dropped", file=sys.stderr)
-        return 130
-    print(json.dumps(result, indent=2))
-    return 0
+    return run_and_print(work)
 
 
 if __name__ == "__main__":
