@@ -171,6 +171,37 @@ def central_env() -> dict[str, str]:
     return {}
 
 
+async def new_central(
+    cleanup: contextlib.AsyncExitStack,
+    services: Services,
+    rabbitmq_api: RabbitApi,
+    *,
+    amqp_url: str,
+    database_url: str,
+    log_path: Path,
+    extra_env: dict[str, str],
+    pool_size: int = 4,
+) -> Central:
+    """A :class:`Central`, not started, whose pool, management client and registers'
+    broker users go with ``cleanup`` (stopping or killing its process is the caller's)."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=pool_size)
+    cleanup.push_async_callback(pool.close)
+    management = Management(services.rabbitmq_api_url, vhost_of(amqp_url))
+    cleanup.push_async_callback(management.aclose)
+    central = Central(
+        amqp_url=amqp_url,
+        database_url=database_url,
+        api_url=services.rabbitmq_api_url,
+        api=rabbitmq_api,
+        log_path=log_path,
+        pool=pool,
+        management=management,
+        extra_env=extra_env,
+    )
+    cleanup.push_async_callback(central.delete_broker_users)
+    return central
+
+
 @pytest.fixture
 async def central(
     services: Services,
@@ -186,21 +217,15 @@ async def central(
     # outlive the test. No error is swallowed: a later one carries the earlier as context.
     async with contextlib.AsyncExitStack() as cleanup:
         cleanup.push_async_callback(make_database.drop, database_url)
-        pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-        cleanup.push_async_callback(pool.close)
-        management = Management(services.rabbitmq_api_url, vhost_of(fresh_vhost))
-        cleanup.push_async_callback(management.aclose)
-        instance = Central(
+        instance = await new_central(
+            cleanup,
+            services,
+            rabbitmq_api,
             amqp_url=fresh_vhost,
             database_url=database_url,
-            api_url=services.rabbitmq_api_url,
-            api=rabbitmq_api,
             log_path=tmp_path / "central.log",
-            pool=pool,
-            management=management,
             extra_env=central_env,
         )
-        cleanup.push_async_callback(instance.delete_broker_users)
         cleanup.push_async_callback(instance.stop)
         await instance.start()
         yield instance

@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import asyncpg
-
 from agent.documents import receipt
-from e2e.conftest import BIN, Central, agent_settings, running_agent, wait_for
+from e2e.conftest import BIN, Central, agent_settings, new_central, running_agent, wait_for
 from faults import FaultProxy
 from register_ids import reg
 from services import RabbitApi, Services
-from tillsync_central.management import Management, vhost_of
 
 
 @contextlib.asynccontextmanager
@@ -44,24 +41,19 @@ async def central_behind_proxies(
         # Every step of the clean-up runs, last pushed first, even when one before it
         # raises (kill() times out): the registers' broker users must not outlive the test.
         async with contextlib.AsyncExitStack() as cleanup:
-            pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-            cleanup.push_async_callback(pool.close)
-            management = Management(services.rabbitmq_api_url, vhost_of(amqp_url))
-            cleanup.push_async_callback(management.aclose)
-            central = Central(
+            central = await new_central(
+                cleanup,
+                services,
+                rabbitmq_api,
                 amqp_url=amqp_url,
                 database_url=database_url,
-                api_url=services.rabbitmq_api_url,
-                api=rabbitmq_api,
                 log_path=tmp_path / "central.log",
-                pool=pool,
-                management=management,
                 extra_env={
                     "TILLSYNC_AMQP_URL": amqp_proxy.url_for(amqp_url),
                     "TILLSYNC_DATABASE_URL": db_proxy.url_for(database_url),
                 },
+                pool_size=2,
             )
-            cleanup.push_async_callback(central.delete_broker_users)
             cleanup.callback(central.kill)
             with central.log_path.open("ab") as log:
                 central.process = await asyncio.to_thread(
