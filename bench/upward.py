@@ -13,7 +13,10 @@ on Ctrl-C), measures:
 2. the same at half the throughput just measured (paced), latency of those documents only;
 3. a raw baseline: plain aio-pika publishes with confirms (1,000 in flight) of the very
    same payload bytes to a quorum queue, and a plain consumer that inserts batches of up
-   to 500 with asyncpg, one transaction each, then acks.
+   to 500 with asyncpg, one transaction each, then acks; and the same paced at step 2's
+   rate;
+4. the floor (``bench/upward_floor.py``; ``--no-floor`` leaves it out): that raw pipeline
+   with the register's SQLite outbox and central's acks back, at step 2's rate.
 
 It prints one JSON object on stdout; progress goes to stderr. Nothing is asserted: it
 reports (see docs/performance.md for the figures and their caveats).
