@@ -97,7 +97,6 @@ class FloorRegister:
     acked: list[int] = field(default_factory=list)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     submitted_at: dict[int, float] = field(default_factory=dict)
-    confirmed_at: dict[int, float] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
     to_confirm_ms: list[float] = field(default_factory=list)
     acks_received: int = 0
